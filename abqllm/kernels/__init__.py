@@ -1,0 +1,3 @@
+"""Kernel registry and the always-available reference implementations."""
+from abqllm.kernels import reference  # noqa: F401  (registers the reference kernels)
+from abqllm.kernels.registry import available, register, select  # noqa: F401

@@ -1,0 +1,1 @@
+from abqllm.nn.qlinear import QuantLinear  # noqa: F401

@@ -1,0 +1,64 @@
+"""One registry of implementations per op.
+
+An implementation registers the op it serves, a name, a priority and a `supports(layer, device)`
+predicate. The choice is explicit: a layer asks for `auto` (highest-priority implementation that
+supports it) or a name (`reference`, `torch`, `triton`, `cuda`, ...), and a named choice that
+cannot serve the layer is an error, never a silent fallback. Each choice is logged once.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from abqllm.errors import AbqError
+
+log = logging.getLogger("abqllm.kernels")
+
+
+@dataclass(frozen=True)
+class Kernel:
+    op: str
+    name: str
+    fn: Callable
+    supports: Callable[[object, torch.device], bool]
+    priority: int
+
+
+_REGISTRY: dict[str, dict[str, Kernel]] = {}
+_LOGGED: set[tuple[str, str, str]] = set()
+
+
+def register(op: str, name: str, *, priority: int = 0,
+             supports: Callable[[object, torch.device], bool] = lambda layer, device: True):
+    def deco(fn):
+        _REGISTRY.setdefault(op, {})[name] = Kernel(op, name, fn, supports, priority)
+        return fn
+    return deco
+
+
+def available(op: str) -> list[str]:
+    return sorted(_REGISTRY.get(op, {}), key=lambda n: -_REGISTRY[op][n].priority)
+
+
+def select(op: str, preference: str, layer, device: torch.device) -> Kernel:
+    impls = _REGISTRY.get(op, {})
+    if preference == "auto":
+        usable = [k for k in impls.values() if k.supports(layer, device)]
+        if not usable:
+            raise AbqError(f"no {op} kernel supports this layer on {device}; available: {available(op)}")
+        kernel = max(usable, key=lambda k: k.priority)
+    else:
+        kernel = impls.get(preference)
+        if kernel is None:
+            raise AbqError(f"unknown {op} kernel {preference!r}; choose auto or one of {available(op)}")
+        if not kernel.supports(layer, device):
+            raise AbqError(f"{op} kernel {preference!r} does not support this layer on {device}; use auto")
+    key = (op, kernel.name, device.type)
+    if key not in _LOGGED:
+        _LOGGED.add(key)
+        log.info("%s on %s: using the %r kernel (asked for %r)", op, device.type, kernel.name, preference)
+    return kernel

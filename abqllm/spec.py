@@ -1,0 +1,164 @@
+"""What to quantize: frozen, validated, serializable descriptions of a WpAq scheme.
+
+Every quantized weight is stored as unsigned integer codes u with a zero point z and a scale s,
+W = s * (u - z). The three weight flavours differ only in how s and z are chosen:
+- asymmetric (default): 2^p levels spanning [min, max] (zero always inside the range), z per group;
+- symmetric: 2^p levels, z = 2^(p-1), s = absmax / (2^(p-1) - 1);
+- balanced ("W2*"): 2^p + 1 levels symmetric around zero, {-2^(p-1) .. 2^(p-1)}, z = 2^(p-1),
+  s = absmax / 2^(p-1). W2* is {-2,-1,0,1,2}. It needs p + 1 bits of storage.
+Activations use the same convention at q bits, computed per token at run time (dynamic) or once
+from calibration data per tensor (static). q = 16 means activations stay in floating point.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import re
+from dataclasses import dataclass, field
+
+from abqllm.errors import AbqError
+
+FORMAT_VERSION = 1
+FLOAT_BITS = 16
+
+
+def _check_int(value, name: str, lo: int, hi: int, flag: str, extra: tuple[int, ...] = ()) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        try:
+            value = int(str(value), 10)
+        except ValueError:
+            raise AbqError(f"{name} must be an integer, got {value!r} (use {flag})") from None
+    if not (lo <= value <= hi or value in extra):
+        allowed = f"{lo}..{hi}" + "".join(f" or {e}" for e in extra)
+        raise AbqError(f"{name} must be in {allowed}, got {value} (use {flag})")
+    return value
+
+
+@dataclass(frozen=True)
+class WeightSpec:
+    bits: int
+    balanced: bool = False
+    group_size: int = 0  # 0: one group per output channel (per-channel); G > 0: groups of G input columns
+    symmetric: bool = False
+
+    def __post_init__(self):
+        object.__setattr__(self, "bits", _check_int(self.bits, "weight bits", 1, 8, "--wbits 1..8"))
+        gs = self.group_size
+        if isinstance(gs, bool) or not isinstance(gs, int) or gs < 0:
+            raise AbqError(f"group size must be a positive integer (or 0 for per-channel), got {gs!r} "
+                           "(use --group-size 64, 128, ...)")
+        if self.balanced:
+            if self.bits > 7:
+                raise AbqError("balanced levels need bits + 1 <= 8 of storage; use --wbits 1..7 with --balanced")
+            object.__setattr__(self, "symmetric", True)  # balanced levels are symmetric by definition
+        elif self.symmetric and self.bits == 1:
+            raise AbqError("symmetric 1-bit weights have a single level; use asymmetric or --balanced (ternary)")
+
+    @property
+    def storage_bits(self) -> int:
+        """Bits per stored code: balanced levels need one more than their name says."""
+        return self.bits + 1 if self.balanced else self.bits
+
+    @property
+    def qmax(self) -> int:
+        """Largest code; codes run 0..qmax."""
+        return 2 ** self.bits if self.balanced else 2 ** self.bits - 1
+
+    @property
+    def name(self) -> str:
+        return f"W{self.bits}{'*' if self.balanced else ''}"
+
+
+@dataclass(frozen=True)
+class ActSpec:
+    bits: int = FLOAT_BITS
+    symmetric: bool = False
+    dynamic: bool = True  # per-token, computed at run time; False: one static scale per tensor from calibration
+
+    def __post_init__(self):
+        object.__setattr__(self, "bits", _check_int(self.bits, "activation bits", 2, 8, "--abits 2..8 or 16",
+                                                    extra=(FLOAT_BITS,)))
+
+    @property
+    def is_float(self) -> bool:
+        return self.bits == FLOAT_BITS
+
+    @property
+    def qmax(self) -> int:
+        return 2 ** self.bits - 1
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """The scheme of one linear layer, as stored per layer in a checkpoint."""
+    weight: WeightSpec
+    act: ActSpec = ActSpec()
+
+    @property
+    def name(self) -> str:
+        gs = f"g{self.weight.group_size}" if self.weight.group_size else ""
+        return f"{self.weight.name}A{self.act.bits}{gs}"
+
+    def to_dict(self) -> dict:
+        return {"weight": dataclasses.asdict(self.weight), "act": dataclasses.asdict(self.act)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LayerSpec":
+        try:
+            return cls(WeightSpec(**d["weight"]), ActSpec(**d["act"]))
+        except (KeyError, TypeError) as e:
+            raise AbqError(f"malformed layer spec {d!r} in quantization_config ({e}); re-quantize the model") from None
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """A whole-model scheme: one LayerSpec for every linear inside the decoder blocks, except skipped ones."""
+    weight: WeightSpec
+    act: ActSpec = ActSpec()
+    skip: tuple[str, ...] = ("lm_head",)  # fnmatch patterns on full module names
+    kv_bits: int = FLOAT_BITS
+    version: int = field(default=FORMAT_VERSION)
+
+    def __post_init__(self):
+        object.__setattr__(self, "skip", tuple(self.skip))
+        object.__setattr__(self, "kv_bits", _check_int(self.kv_bits, "kv bits", 2, 8, "--kv-bits 2..8 or 16",
+                                                       extra=(FLOAT_BITS,)))
+        if self.kv_bits != FLOAT_BITS:
+            raise AbqError("--kv-bits is not implemented yet; leave it at 16")
+
+    @property
+    def layer(self) -> LayerSpec:
+        return LayerSpec(self.weight, self.act)
+
+    @property
+    def name(self) -> str:
+        return self.layer.name
+
+    def is_skipped(self, module_name: str) -> bool:
+        return any(fnmatch.fnmatchcase(module_name, p) or fnmatch.fnmatchcase(module_name.rsplit(".", 1)[-1], p)
+                   for p in self.skip)
+
+    def to_dict(self) -> dict:
+        return {"version": self.version, **self.layer.to_dict(), "skip": list(self.skip), "kv_bits": self.kv_bits}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "QuantSpec":
+        version = d.get("version")
+        if version != FORMAT_VERSION:
+            raise AbqError(f"quantization spec version {version!r} is not supported by this abqllm "
+                           f"(it reads version {FORMAT_VERSION}); upgrade abqllm or re-quantize")
+        layer = LayerSpec.from_dict(d)
+        return cls(layer.weight, layer.act, tuple(d.get("skip", ())), d.get("kv_bits", FLOAT_BITS))
+
+
+_NAME_RE = re.compile(r"^W(\d+)(\*?)A(\d+)(?:G(\d+))?$", re.IGNORECASE)
+
+
+def parse_scheme(name: str) -> QuantSpec:
+    """'W4A8', 'W2*A16', 'W4A16g64' -> QuantSpec (asymmetric weights, dynamic per-token activations)."""
+    m = _NAME_RE.match(name.strip().replace(" ", ""))
+    if not m:
+        raise AbqError(f"cannot read scheme {name!r}; write it like W4A8, W2*A16 or W4A16g64")
+    w, star, a, g = m.groups()
+    return QuantSpec(WeightSpec(int(w), balanced=bool(star), group_size=int(g or 0)), ActSpec(int(a)))

@@ -1,0 +1,91 @@
+"""The public Python API; the CLI calls exactly these.
+
+    import abqllm
+    model, tok = abqllm.load_model("smollm2-135m")
+    report = abqllm.quantize(model, "W4A8", method="rtn")             # in place
+    abqllm.save_quantized(model, tok, "out/w4a8")
+    model, tok = abqllm.load_model("out/w4a8")
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from abqllm import __version__
+from abqllm.calib.runner import BlockReport, quantize_blocks
+from abqllm.errors import AbqError
+from abqllm.io.checkpoint import CHECKPOINT_VERSION, QUANT_METHOD, load_quantized
+from abqllm.methods import get_method
+from abqllm.models.hub import is_quantized_checkpoint, load_float_model
+from abqllm.spec import QuantSpec, parse_scheme
+
+
+@dataclass
+class QuantizeReport:
+    spec: str
+    method: str
+    seconds: float
+    layers: int
+    blocks: list[BlockReport] = field(default_factory=list)
+
+
+def quantize(model: nn.Module, spec: QuantSpec | str, method: str = "rtn", calib_ids: torch.Tensor | None = None,
+             device: str | torch.device | None = None, data: str | None = None, seed: int = 0,
+             progress: bool = True, **method_options) -> QuantizeReport:
+    """Quantize every linear inside the decoder blocks of `model` in place (lm_head is skipped by default).
+
+    `calib_ids` [n, L] token windows are needed by methods that calibrate (and by static activation
+    scales); `data` and `seed` only describe them in the checkpoint.
+    """
+    if isinstance(spec, str):
+        spec = parse_scheme(spec)
+    if isinstance(getattr(model.config, "quantization_config", None), dict):
+        raise AbqError("model is already quantized; load the float model to quantize it again")
+    m = get_method(method, **method_options)
+    t0 = time.perf_counter()
+    layers, blocks = quantize_blocks(model, spec, m, calib_ids, device, progress=progress)
+    seconds = time.perf_counter() - t0
+    model.config.quantization_config = {
+        "quant_method": QUANT_METHOD, "format_version": CHECKPOINT_VERSION, "abqllm_version": __version__,
+        "spec": spec.to_dict(), "layers": layers, "method": m.name, "method_settings": m.settings(),
+        "data": data, "calib_shape": list(calib_ids.shape) if calib_ids is not None else None, "seed": seed,
+    }
+    return QuantizeReport(spec.name, m.name, seconds, len(layers), blocks)
+
+
+def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+               attn_implementation: str = "sdpa"):
+    """(model, tokenizer) from the built-in default name, a local folder (float or abqllm) or a hub id."""
+    if Path(name_or_path).is_dir() and is_quantized_checkpoint(name_or_path):
+        return load_quantized(name_or_path, dtype=dtype, device=device)
+    return load_float_model(name_or_path, dtype=dtype, device=device, attn_implementation=attn_implementation)
+
+
+def model_size_bytes(model: nn.Module) -> int:
+    """Bytes of all distinct parameters and persistent buffers (tied tensors counted once)."""
+    seen, total = set(), 0
+    for t in model.state_dict().values():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.numel())
+        if key not in seen:
+            seen.add(key)
+            total += t.numel() * t.element_size()
+    return total
+
+
+@torch.no_grad()
+def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 32, chat: bool = False) -> str:
+    """Greedy continuation of `prompt` (or of a one-turn chat when chat=True)."""
+    if chat and getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+    else:
+        text = prompt
+    enc = tokenizer(text, return_tensors="pt").to(next(model.parameters()).device)
+    out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                         pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+    return tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)

@@ -1,0 +1,235 @@
+"""`abq`: thin command line over the public API (abqllm/api.py). Errors print one line and exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+EPILOG = {
+    "quantize": "example: abq quantize --model smollm2-135m --wbits 4 --abits 8 --method rtn --out out/w4a8",
+    "eval": "example: abq eval --model out/w4a8 --json out/w4a8/eval.json",
+    "generate": 'example: abq generate --model out/w4a8 --prompt "The capital of France is"',
+    "demo": "example: abq demo   (quantize the default model, evaluate float and quantized, print a table)",
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage dump
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def _common(p: argparse.ArgumentParser, model_default: str | None = None):
+    p.add_argument("--model", default=model_default, required=model_default is None,
+                   help="built-in name (smollm2-135m), local folder (float or abqllm), or hub id")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available, else cpu)")
+
+
+def _data_args(p: argparse.ArgumentParser):
+    p.add_argument("--data", default=None,
+                   help="wiki (default: held-apart Wikipedia text), a .txt file, wikitext2 or c4 (need `datasets`)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="abq", description="Arbitrary-bit (WpAq) quantization for Hugging Face causal LMs.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log kernel choices and details")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    q = sub.add_parser("quantize", help="quantize a model and save a packed checkpoint", epilog=EPILOG["quantize"])
+    _common(q)
+    q.add_argument("--wbits", required=True, help="weight bits, 1..8")
+    q.add_argument("--abits", default="16", help="activation bits, 2..8, or 16 for weight-only (default 16)")
+    q.add_argument("--balanced", action="store_true", help="bit balance: 2^p+1 symmetric levels (W2* = {-2..2})")
+    q.add_argument("--group-size", default="0", help="columns per weight group; 0 = per output channel (default)")
+    q.add_argument("--sym", action="store_true", help="symmetric weights (default asymmetric with zero points)")
+    q.add_argument("--act-static", action="store_true",
+                   help="one static activation scale per tensor from calibration data (default: dynamic per token)")
+    q.add_argument("--kv-bits", default="16", help="K/V cache bits (only 16 for now)")
+    q.add_argument("--skip", default="lm_head", help="comma-separated module name patterns left in float")
+    q.add_argument("--method", default="rtn", help="calibration method: rtn")
+    _data_args(q)
+    q.add_argument("--calib-samples", type=int, default=32, help="calibration windows (default 32)")
+    q.add_argument("--calib-seqlen", type=int, default=512, help="tokens per calibration window (default 512)")
+    q.add_argument("--seed", type=int, default=0, help="seed for calibration sampling")
+    q.add_argument("--out", required=True, help="output folder for the checkpoint")
+    q.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    q.add_argument("--json", default=None, help="also write the quantization report here")
+
+    e = sub.add_parser("eval", help="perplexity of a float or quantized model", epilog=EPILOG["eval"])
+    _common(e)
+    _data_args(e)
+    e.add_argument("--window", type=int, default=1024, help="tokens per evaluation window (default 1024)")
+    e.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows")
+    e.add_argument("--kernel", default="auto", help="linear kernel for quantized layers: auto, torch, reference")
+    e.add_argument("--json", default=None, help="write results here (ppl, tokens, window, data, ...)")
+
+    g = sub.add_parser("generate", help="greedy text generation", epilog=EPILOG["generate"])
+    _common(g)
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-new-tokens", type=int, default=32)
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+
+    d = sub.add_parser("demo", help="the main job on the default model: quantize, evaluate, compare",
+                       epilog=EPILOG["demo"])
+    _common(d, model_default="smollm2-135m")
+    d.add_argument("--schemes", default="W4A16g64,W8A8", help="comma-separated schemes (W4A8, W2*A16, W4A16g64 ...)")
+    d.add_argument("--method", default="rtn")
+    d.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows")
+    d.add_argument("--out", default="out/demo", help="where checkpoints and results.json go")
+    return parser
+
+
+def _device(arg: str | None) -> str:
+    import torch
+
+    if arg:
+        return arg
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _write_json(path: str | None, data: dict):
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(f"{path}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(data, indent=2, default=str))
+        os.replace(tmp, path)
+        print(f"wrote {path}")
+
+
+def _spec_from_args(a):
+    from abqllm.spec import ActSpec, QuantSpec, WeightSpec
+
+    group = a.group_size
+    try:
+        group = int(group)
+    except ValueError:
+        pass  # WeightSpec names the problem
+    weight = WeightSpec(a.wbits, balanced=a.balanced, group_size=group, symmetric=a.sym)
+    return QuantSpec(weight, ActSpec(a.abits, dynamic=not a.act_static),
+                     skip=tuple(s for s in a.skip.split(",") if s), kv_bits=a.kv_bits)
+
+
+def cmd_quantize(a) -> dict:
+    import abqllm
+    from abqllm.data.sources import calibration_samples, load_text
+    from abqllm.io.checkpoint import check_output_dir
+    from abqllm.methods import get_method
+
+    spec = _spec_from_args(a)
+    check_output_dir(a.out, a.overwrite)  # before any long work
+    method = get_method(a.method)
+    device = _device(a.device)
+    model, tok = abqllm.load_model(a.model, device="cpu")
+    if isinstance(getattr(model.config, "quantization_config", None), dict):
+        raise abqllm.AbqError(f"{a.model} is already quantized; quantize the float model instead")
+    calib, data_name = None, None
+    if method.needs_data(spec):
+        text = load_text(a.data)
+        calib = calibration_samples(tok, text, a.calib_samples, a.calib_seqlen, seed=a.seed)
+        data_name = text.name
+    report = abqllm.quantize(model, spec, method=a.method, calib_ids=calib, device=device, data=data_name,
+                             seed=a.seed)
+    model.to("cpu")
+    out = abqllm.save_quantized(model, tok, a.out, overwrite=a.overwrite)
+    size = sum(f.stat().st_size for f in out.iterdir() if f.suffix == ".safetensors")
+    result = {"out": str(out), "scheme": report.spec, "method": report.method, "layers": report.layers,
+              "quantize_seconds": round(report.seconds, 2), "checkpoint_mb": round(size / 2**20, 2)}
+    print(f"saved {report.spec} ({report.method}, {report.layers} layers) to {out}: "
+          f"{result['checkpoint_mb']} MB in {result['quantize_seconds']} s")
+    _write_json(a.json, result)
+    return result
+
+
+def evaluate(model_name: str, data: str | None, window: int, max_windows: int | None, device: str,
+             kernel: str = "auto") -> dict:
+    import abqllm
+    from abqllm.data.sources import eval_token_ids, load_text
+    from abqllm.eval.perplexity import perplexity
+    from abqllm.nn.qlinear import QuantLinear
+
+    text = load_text(data)
+    model, tok = abqllm.load_model(model_name, device=device)
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            m.kernel = kernel
+    ids = eval_token_ids(tok, text)
+    res = perplexity(model, ids, window=window, max_windows=max_windows)
+    qc = getattr(model.config, "quantization_config", None)
+    return {"model": model_name, "scheme": qc["spec"] if isinstance(qc, dict) else "float",
+            "method": qc.get("method") if isinstance(qc, dict) else None,
+            **res.to_dict(), "data": text.name, "split": text.description, "device": device,
+            "size_mb": round(abqllm.model_size_bytes(model) / 2**20, 2)}
+
+
+def cmd_eval(a) -> dict:
+    r = evaluate(a.model, a.data, a.window, a.max_windows, _device(a.device), a.kernel)
+    print(f"{a.model}: perplexity {r['ppl']:.4f} over {r['tokens']} tokens ({r['windows']} windows of "
+          f"{r['window']}) on {r['data']}")
+    _write_json(a.json, r)
+    return r
+
+
+def cmd_generate(a) -> dict:
+    import abqllm
+
+    model, tok = abqllm.load_model(a.model, device=_device(a.device))
+    text = abqllm.generate_text(model, tok, a.prompt, a.max_new_tokens, chat=a.chat)
+    print(a.prompt + text)
+    return {"prompt": a.prompt, "completion": text}
+
+
+def cmd_demo(a) -> dict:
+    from abqllm.spec import parse_scheme
+
+    device = _device(a.device)
+    schemes = [parse_scheme(s) for s in a.schemes.split(",") if s]  # all validated before any work
+    rows = []
+    t0 = time.perf_counter()
+    fp = evaluate(a.model, None, 1024, a.max_windows, device)
+    rows.append({"config": "float", "ppl": fp["ppl"], "ratio": 1.0, "size_mb": fp["size_mb"],
+                 "quantize_s": 0.0, "eval_s": fp["seconds"]})
+    for spec in schemes:
+        out = Path(a.out) / spec.name.replace("*", "s")
+        qa = argparse.Namespace(model=a.model, device=a.device, wbits=spec.weight.bits, abits=spec.act.bits,
+                                balanced=spec.weight.balanced, group_size=spec.weight.group_size, sym=False,
+                                act_static=False, kv_bits=16, skip="lm_head", method=a.method, data=None,
+                                calib_samples=32, calib_seqlen=512, seed=0, out=str(out), overwrite=True, json=None)
+        qr = cmd_quantize(qa)
+        ev = evaluate(str(out), None, 1024, a.max_windows, device)
+        rows.append({"config": f"{spec.name} {a.method}", "ppl": ev["ppl"], "ratio": ev["ppl"] / fp["ppl"],
+                     "size_mb": qr["checkpoint_mb"], "quantize_s": qr["quantize_seconds"], "eval_s": ev["seconds"]})
+    print(f"\n{'config':<18}{'perplexity':>12}{'x float':>9}{'size MB':>10}{'quantize s':>12}{'eval s':>9}")
+    for r in rows:
+        print(f"{r['config']:<18}{r['ppl']:>12.3f}{r['ratio']:>9.3f}{r['size_mb']:>10.1f}"
+              f"{r['quantize_s']:>12.1f}{r['eval_s']:>9.1f}")
+    result = {"model": a.model, "data": fp["data"], "split": fp["split"], "window": 1024, "tokens": fp["tokens"],
+              "rows": rows, "total_seconds": round(time.perf_counter() - t0, 1)}
+    _write_json(str(Path(a.out) / "results.json"), result)
+    return result
+
+
+COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "generate": cmd_generate, "demo": cmd_demo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
+    from abqllm.errors import AbqError
+
+    try:
+        COMMANDS[args.command](args)
+    except AbqError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; nothing half-written was left behind", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -13,6 +13,7 @@ import bz2
 import functools
 import glob
 import hashlib
+import io
 import json
 import os
 import re
@@ -25,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import mwparserfromhell
-from mwparserfromhell.nodes import Heading, Tag, Template, Text, Wikilink
+from mwparserfromhell.nodes import Tag, Template, Text, Wikilink
 
 from abqllm.errors import AbqError
 
@@ -63,24 +64,22 @@ def cache_dir() -> Path:
     return Path(os.environ.get("ABQLLM_CACHE") or Path.home() / ".cache" / "abqllm")
 
 
-def find_wheel(download: bool = True) -> Path:
+def find_wheel() -> Path:
     """The gensim wheel in <cache>/wheels, downloaded with pip if it is not there yet."""
     wheels = cache_dir() / "wheels"
-    found = sorted(glob.glob(str(wheels / f"gensim-{GENSIM_VERSION}-*.whl")))
-    if found:
-        return Path(found[0])
-    if download:
+    pattern = str(wheels / f"gensim-{GENSIM_VERSION}-*.whl")
+    if not glob.glob(pattern):
         wheels.mkdir(parents=True, exist_ok=True)
         # --only-binary: a source tarball would not contain the test data in a readable place.
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
                f"gensim=={GENSIM_VERSION}", "-d", str(wheels)]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        found = sorted(glob.glob(str(wheels / f"gensim-{GENSIM_VERSION}-*.whl")))
-        if proc.returncode == 0 and found:
-            return Path(found[0])
-    raise AbqError(f"the default Wikipedia text needs the gensim=={GENSIM_VERSION} wheel in {wheels} "
-                   f"and downloading it failed: run scripts/setup.sh or put a gensim-{GENSIM_VERSION}-*.whl "
-                   f"(pip download --no-deps gensim=={GENSIM_VERSION}) there")
+        subprocess.run(cmd, capture_output=True, text=True)
+    found = sorted(glob.glob(pattern))
+    if not found:
+        raise AbqError(f"the default Wikipedia text needs the gensim=={GENSIM_VERSION} wheel in {wheels}, "
+                       f"which is missing and could not be downloaded: run scripts/setup.sh or put a "
+                       f"gensim-{GENSIM_VERSION}-*.whl (pip download --no-deps gensim=={GENSIM_VERSION}) there")
+    return Path(found[0])
 
 
 def _read_dump(wheel: Path) -> bytes:
@@ -97,8 +96,6 @@ def _read_dump(wheel: Path) -> bytes:
 
 def iter_pages(xml_bytes: bytes):
     """Yield (title, wikitext) of main-namespace, non-redirect pages in dump order."""
-    import io
-
     for _, elem in ET.iterparse(io.BytesIO(xml_bytes), events=("end",)):
         if elem.tag.rsplit("}", 1)[-1] != "page":
             continue

@@ -51,7 +51,8 @@ def tokenizer():
 
 def _text_file(tmp_path, paragraphs=40):
     path = tmp_path / "corpus.txt"
-    path.write_text("\n\n".join(f" {PROSE[i % len(PROSE)]} Paragraph {i}." for i in range(paragraphs)), encoding="utf-8")
+    text = "\n\n".join(f" {PROSE[i % len(PROSE)]} Paragraph {i}." for i in range(paragraphs))
+    path.write_text(text, encoding="utf-8")
     return path
 
 

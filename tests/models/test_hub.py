@@ -119,3 +119,14 @@ def test_default_model(default_model_dir):
     assert model.config.tie_word_embeddings and model.lm_head.weight is model.model.embed_tokens.weight
     assert (tok.bos_token, tok.eos_token) == ("<|im_start|>", "<|im_end|>")
     assert tok.chat_template and tok.model_max_length == 8192
+
+
+def test_interrupted_conversion_leaves_nothing_that_looks_valid(monkeypatch, tmp_path):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(hub.AutoTokenizer, "from_pretrained", interrupted)
+    target = tmp_path / "models" / "smollm2-135m"
+    with pytest.raises(KeyboardInterrupt):
+        hub._convert_gguf(tmp_path / hub.SMOLLM2_GGUF, target)
+    assert list(target.parent.iterdir()) == []

@@ -49,6 +49,7 @@ def quantize(model: nn.Module, spec: QuantSpec | str, method: str = "rtn", calib
     m = get_method(method, **method_options)
     t0 = time.perf_counter()
     layers, blocks = quantize_blocks(model, spec, m, calib_ids, device, progress=progress)
+    layers.update(_quantize_lm_head(model, spec))
     seconds = time.perf_counter() - t0
     model.config.quantization_config = {
         "quant_method": QUANT_METHOD, "format_version": CHECKPOINT_VERSION, "abqllm_version": __version__,
@@ -56,6 +57,24 @@ def quantize(model: nn.Module, spec: QuantSpec | str, method: str = "rtn", calib
         "data": data, "calib_shape": list(calib_ids.shape) if calib_ids is not None else None, "seed": seed,
     }
     return QuantizeReport(spec.name, m.name, seconds, len(layers), blocks)
+
+
+def _quantize_lm_head(model: nn.Module, spec: QuantSpec) -> dict[str, dict]:
+    """Round-to-nearest for the output layer, when the user takes it out of --skip.
+
+    A tied lm_head is untied: the embedding stays float, the output layer gets its own codes.
+    """
+    from abqllm.models.arch import arch_for
+    from abqllm.nn.qlinear import QuantLinear
+
+    name = arch_for(model.config).lm_head
+    if spec.is_skipped(name):
+        return {}
+    if not spec.act.is_float and not spec.act.dynamic:
+        raise AbqError("static activation scales are not supported for lm_head; keep lm_head in --skip")
+    model.set_submodule(name, QuantLinear.from_float(model.get_submodule(name), spec.layer))
+    model.config.tie_word_embeddings = False
+    return {name: spec.layer.to_dict()}
 
 
 def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",

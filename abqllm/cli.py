@@ -218,6 +218,7 @@ COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "generate": cmd_generate
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
+    logging.getLogger("abqllm").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     from abqllm.errors import AbqError
 
     try:

@@ -71,3 +71,16 @@ def test_overwrite_refused_and_allowed(tmp_path):
         abqllm.save_quantized(model, tok, out)
     abqllm.save_quantized(model, tok, out, overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]
+
+
+def test_lm_head_quantized_when_not_skipped(tmp_path):
+    model, tok = make_tiny_llama()
+    spec = abqllm.QuantSpec(abqllm.WeightSpec(8), skip=())
+    abqllm.quantize(model, spec, progress=False)
+    assert isinstance(model.lm_head, QuantLinear) and not isinstance(model.model.embed_tokens, QuantLinear)
+    ids = torch.randint(0, len(tok), (1, 12))
+    with torch.no_grad():
+        ref = model(ids).logits
+    loaded, _ = abqllm.load_model(str(abqllm.save_quantized(model, tok, tmp_path / "c")))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, ref)

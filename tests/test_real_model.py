@@ -1,0 +1,57 @@
+"""The real default model (SmolLM2-135M) on the default text: the float perplexity is reproduced and
+W8A16 RTN stays within 1% of it. Golden values: tests/golden/smollm2-135m.json (scripts/update_golden.py)."""
+import json
+from pathlib import Path
+
+import pytest
+
+GOLDEN = json.loads((Path(__file__).parent / "golden/smollm2-135m.json").read_text())
+pytestmark = pytest.mark.realmodel
+
+
+@pytest.fixture(scope="module")
+def setup(default_model_dir):
+    import abqllm
+    from abqllm.data.sources import eval_token_ids, load_text
+
+    model, tok = abqllm.load_model("smollm2-135m")
+    return model, tok, eval_token_ids(tok, load_text(None))
+
+
+def _ppl(model, ids, windows):
+    from abqllm.eval.perplexity import perplexity
+
+    return perplexity(model, ids, max_windows=windows, progress=False)
+
+
+def test_eval_split_is_the_recorded_one(setup):
+    _, _, ids = setup
+    assert ids.numel() == GOLDEN["eval_tokens"]
+
+
+def test_float_ppl_and_w8a16_within_one_percent(setup):
+    import abqllm
+
+    model, tok, ids = setup
+    g = GOLDEN["float_ppl_first_windows"]
+    fp = _ppl(model, ids, g["windows"])
+    assert fp.tokens == g["tokens"]
+    assert fp.ppl == pytest.approx(g["ppl"], rel=2e-3)
+    q, _ = abqllm.load_model("smollm2-135m")
+    abqllm.quantize(q, "W8A16", progress=False)
+    w8 = _ppl(q, ids, g["windows"])
+    assert fp.ppl <= w8.ppl * 1.002 and w8.ppl <= fp.ppl * 1.01
+
+
+def test_generation_is_sensible(setup):
+    import abqllm
+
+    model, tok, _ = setup
+    assert "Paris" in abqllm.generate_text(model, tok, "The capital of France is", max_new_tokens=8)
+
+
+@pytest.mark.slow
+def test_full_split_float_ppl(setup):
+    model, _, ids = setup
+    g = GOLDEN["float_ppl_full"]
+    assert _ppl(model, ids, None).ppl == pytest.approx(g["ppl"], rel=2e-3)

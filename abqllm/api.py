@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,7 @@ import torch
 from torch import nn
 
 from abqllm import __version__
+from abqllm.calib.artifacts import ArtifactStore
 from abqllm.calib.runner import BlockReport, quantize_blocks
 from abqllm.errors import AbqError
 from abqllm.io.checkpoint import CHECKPOINT_VERSION, QUANT_METHOD, load_quantized
@@ -36,19 +38,28 @@ class QuantizeReport:
 
 def quantize(model: nn.Module, spec: QuantSpec | str, method: str = "rtn", calib_ids: torch.Tensor | None = None,
              device: str | torch.device | None = None, data: str | None = None, seed: int = 0,
-             progress: bool = True, **method_options) -> QuantizeReport:
+             progress: bool = True, artifacts: str | Path | None = None, **method_options) -> QuantizeReport:
     """Quantize every linear inside the decoder blocks of `model` in place (lm_head is skipped by default).
 
     `calib_ids` [n, L] token windows are needed by methods that calibrate (and by static activation
-    scales); `data` and `seed` only describe them in the checkpoint.
+    scales); `data` and `seed` describe them in the checkpoint. `artifacts`: a folder where each
+    block's calibration result is kept; blocks already there are re-applied, not recalibrated
+    (resume after an interruption, or re-apply a finished calibration).
     """
     if isinstance(spec, str):
         spec = parse_scheme(spec)
     if isinstance(getattr(model.config, "quantization_config", None), dict):
         raise AbqError("model is already quantized; load the float model to quantize it again")
     m = get_method(method, **method_options)
+    store = None
+    if artifacts is not None:
+        store = ArtifactStore(artifacts, {
+            "model": getattr(model.config, "_name_or_path", None), "spec": spec.to_dict(), "method": m.name,
+            "method_settings": m.settings(), "data": data, "seed": seed,
+            "calib_shape": list(calib_ids.shape) if calib_ids is not None else None,
+            "calib_sha256": _tensor_digest(calib_ids)})
     t0 = time.perf_counter()
-    layers, blocks = quantize_blocks(model, spec, m, calib_ids, device, progress=progress)
+    layers, blocks = quantize_blocks(model, spec, m, calib_ids, device, progress=progress, store=store, seed=seed)
     layers.update(_quantize_lm_head(model, spec))
     seconds = time.perf_counter() - t0
     model.config.quantization_config = {
@@ -57,6 +68,10 @@ def quantize(model: nn.Module, spec: QuantSpec | str, method: str = "rtn", calib
         "data": data, "calib_shape": list(calib_ids.shape) if calib_ids is not None else None, "seed": seed,
     }
     return QuantizeReport(spec.name, m.name, seconds, len(layers), blocks)
+
+
+def _tensor_digest(t: torch.Tensor | None) -> str | None:
+    return None if t is None else hashlib.sha256(t.cpu().numpy().tobytes()).hexdigest()
 
 
 def _quantize_lm_head(model: nn.Module, spec: QuantSpec) -> dict[str, dict]:

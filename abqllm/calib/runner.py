@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from abqllm.calib.artifacts import ArtifactStore
 from abqllm.errors import AbqError
 from abqllm.models.arch import ArchSpec, arch_for, block_linears, decoder_blocks
 from abqllm.nn.qlinear import QuantLinear
@@ -56,11 +57,19 @@ class BlockContext:
 
 
 class Method(Protocol):
+    """A calibration method in two steps, so results can be stored, inspected and re-applied.
+
+    `calibrate` looks at the float block and the streams and returns tensors (scales, clips, ...);
+    it must not change the block. `apply` turns those tensors into quantized linears, and may fold
+    transforms into the block's other parameters (norm weights); the runner swaps the linears in.
+    """
     name: str
 
     def needs_data(self, spec: QuantSpec) -> bool: ...
 
-    def quantize_block(self, ctx: BlockContext) -> dict[str, QuantLinear]: ...
+    def calibrate(self, ctx: BlockContext) -> dict[str, torch.Tensor]: ...
+
+    def apply(self, ctx: BlockContext, result: dict[str, torch.Tensor]) -> dict[str, QuantLinear]: ...
 
     def settings(self) -> dict: ...
 
@@ -165,9 +174,13 @@ def _check_finite(prefix: str, linears: dict[str, nn.Module]):
 
 
 def quantize_blocks(model: nn.Module, spec: QuantSpec, method: Method, calib_ids: torch.Tensor | None = None,
-                    device: torch.device | str | None = None, batch_size: int = 8,
-                    progress: bool = True) -> tuple[dict[str, dict], list[BlockReport]]:
-    """Quantize every decoder block in place. Returns {full linear name: LayerSpec dict} and timings."""
+                    device: torch.device | str | None = None, batch_size: int = 8, progress: bool = True,
+                    store: ArtifactStore | None = None, seed: int = 0) -> tuple[dict[str, dict], list[BlockReport]]:
+    """Quantize every decoder block in place. Returns {full linear name: LayerSpec dict} and timings.
+
+    With a `store`, each block's calibration result is saved as soon as it is made, and blocks
+    that already have one are re-applied instead of calibrated (resume, or re-apply).
+    """
     arch = arch_for(model.config)
     blocks = decoder_blocks(model, arch)
     home = next(model.parameters()).device
@@ -193,7 +206,14 @@ def quantize_blocks(model: nn.Module, spec: QuantSpec, method: Method, calib_ids
         ctx = BlockContext(i, len(blocks), prefix, block, linears, arch, spec, device, x_fp, x_q,
                            _to(kwargs[i], device), batch_size)
         y_fp = ctx.run(block, x_fp) if needs_data else None
-        for name, qlayer in method.quantize_block(ctx).items():
+        if store is not None and store.has(i):
+            result = store.load(i)
+        else:
+            torch.manual_seed(seed + i)  # per block: a resumed run draws the same numbers
+            result = method.calibrate(ctx)
+            if store is not None:
+                store.save(i, result)
+        for name, qlayer in method.apply(ctx, result).items():
             block.set_submodule(name, qlayer)
             layers[f"{prefix}.{name}"] = qlayer.spec.to_dict()
         if needs_data:

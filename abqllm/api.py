@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import time
 from dataclasses import dataclass, field
@@ -59,7 +60,11 @@ def quantize(model: nn.Module, spec: QuantSpec | str, method: str = "rtn", calib
             "calib_shape": list(calib_ids.shape) if calib_ids is not None else None,
             "calib_sha256": _tensor_digest(calib_ids)})
     t0 = time.perf_counter()
-    layers, blocks = quantize_blocks(model, spec, m, calib_ids, device, progress=progress, store=store, seed=seed)
+    if hasattr(m, "prepare_model"):
+        m.prepare_model(model, seed)
+    with _attention_probabilities(model, getattr(m, "needs_attention_maps", False)):
+        layers, blocks = quantize_blocks(model, spec, m, calib_ids, device, progress=progress, store=store,
+                                         seed=seed)
     layers.update(_quantize_lm_head(model, spec))
     seconds = time.perf_counter() - t0
     model.config.quantization_config = {
@@ -68,6 +73,20 @@ def quantize(model: nn.Module, spec: QuantSpec | str, method: str = "rtn", calib
         "data": data, "calib_shape": list(calib_ids.shape) if calib_ids is not None else None, "seed": seed,
     }
     return QuantizeReport(spec.name, m.name, seconds, len(layers), blocks)
+
+
+@contextlib.contextmanager
+def _attention_probabilities(model: nn.Module, needed: bool):
+    """Eager attention while a method needs attention maps (SDPA does not return them)."""
+    before = getattr(model.config, "_attn_implementation", None)
+    if not needed or before == "eager":
+        yield
+        return
+    model.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(before)
 
 
 def _tensor_digest(t: torch.Tensor | None) -> str | None:

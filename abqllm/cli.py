@@ -50,10 +50,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one static activation scale per tensor from calibration data (default: dynamic per token)")
     q.add_argument("--kv-bits", default="16", help="K/V cache bits (only 16 for now)")
     q.add_argument("--skip", default="lm_head", help="comma-separated module name patterns left in float")
-    q.add_argument("--method", default="rtn", help="calibration method: rtn")
+    q.add_argument("--method", default="rtn", help="calibration method: rtn, abq, gptq, awq, smoothquant, ...")
+    q.add_argument("--preset", default=None,
+                   help="abq: cpu (minutes on 2 cores) or paper / paper-long (ABQ-LLM recipe, for GPUs); "
+                        "default cpu on a CPU, paper on a GPU")
+    q.add_argument("--method-opt", action="append", default=[], metavar="KEY=VALUE",
+                   help="method option, repeatable, e.g. --method-opt epochs=4 --method-opt use_attn=false")
+    q.add_argument("--artifacts", default=None,
+                   help="folder for per-block calibration results (default: OUT.calib); rerunning the same "
+                        "command resumes from the last finished block")
     _data_args(q)
-    q.add_argument("--calib-samples", type=int, default=32, help="calibration windows (default 32)")
-    q.add_argument("--calib-seqlen", type=int, default=512, help="tokens per calibration window (default 512)")
+    q.add_argument("--calib-samples", type=int, default=None, help="calibration windows (default: per method/preset)")
+    q.add_argument("--calib-seqlen", type=int, default=None, help="tokens per calibration window (default: per method/preset)")
     q.add_argument("--seed", type=int, default=0, help="seed for calibration sampling")
     q.add_argument("--out", required=True, help="output folder for the checkpoint")
     q.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
@@ -113,30 +121,62 @@ def _spec_from_args(a):
                      skip=tuple(s for s in a.skip.split(",") if s), kv_bits=a.kv_bits)
 
 
+def _parse_method_opts(items: list[str]) -> dict:
+    """['epochs=4', 'use_attn=false'] -> {'epochs': 4, 'use_attn': False}."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            from abqllm.errors import AbqError
+            raise AbqError(f"--method-opt takes KEY=VALUE, got {item!r}")
+        low = value.lower()
+        if low in ("true", "false"):
+            out[key] = low == "true"
+        else:
+            try:
+                out[key] = int(value)
+            except ValueError:
+                try:
+                    out[key] = float(value)
+                except ValueError:
+                    out[key] = value
+    return out
+
+
 def cmd_quantize(a) -> dict:
     import abqllm
     from abqllm.data.sources import calibration_samples, load_text
     from abqllm.io.checkpoint import check_output_dir
-    from abqllm.methods import get_method
+    import torch
+
+    from abqllm.methods import get_method, resolve_preset
 
     spec = _spec_from_args(a)
     check_output_dir(a.out, a.overwrite)  # before any long work
-    method = get_method(a.method)
     device = _device(a.device)
+    options, (n_calib, seqlen), preset = resolve_preset(a.method, a.preset, torch.device(device).type)
+    options.update(_parse_method_opts(a.method_opt))
+    method = get_method(a.method, **options)
     model, tok = abqllm.load_model(a.model, device="cpu")
     if isinstance(getattr(model.config, "quantization_config", None), dict):
         raise abqllm.AbqError(f"{a.model} is already quantized; quantize the float model instead")
     calib, data_name = None, None
     if method.needs_data(spec):
         text = load_text(a.data)
-        calib = calibration_samples(tok, text, a.calib_samples, a.calib_seqlen, seed=a.seed)
+        calib = calibration_samples(tok, text, a.calib_samples or n_calib, a.calib_seqlen or seqlen, seed=a.seed)
         data_name = text.name
+    artifacts = None
+    if method.needs_data(spec) and method.name != "rtn":
+        artifacts = a.artifacts or f"{Path(a.out)}.calib"
     report = abqllm.quantize(model, spec, method=a.method, calib_ids=calib, device=device, data=data_name,
-                             seed=a.seed)
+                             seed=a.seed, artifacts=artifacts, **options)
     model.to("cpu")
     out = abqllm.save_quantized(model, tok, a.out, overwrite=a.overwrite)
     size = sum(f.stat().st_size for f in out.iterdir() if f.suffix == ".safetensors")
-    result = {"out": str(out), "scheme": report.spec, "method": report.method, "layers": report.layers,
+    result = {"out": str(out), "scheme": report.spec, "method": report.method, "preset": preset,
+              "method_settings": method.settings(), "artifacts": artifacts, "layers": report.layers,
+              "calib_shape": list(calib.shape) if calib is not None else None,
+              "blocks": [vars(b) for b in report.blocks],
               "quantize_seconds": round(report.seconds, 2), "checkpoint_mb": round(size / 2**20, 2)}
     print(f"saved {report.spec} ({report.method}, {report.layers} layers) to {out}: "
           f"{result['checkpoint_mb']} MB in {result['quantize_seconds']} s")
@@ -197,7 +237,8 @@ def cmd_demo(a) -> dict:
         qa = argparse.Namespace(model=a.model, device=a.device, wbits=spec.weight.bits, abits=spec.act.bits,
                                 balanced=spec.weight.balanced, group_size=spec.weight.group_size, sym=False,
                                 act_static=False, kv_bits=16, skip="lm_head", method=a.method, data=None,
-                                calib_samples=32, calib_seqlen=512, seed=0, out=str(out), overwrite=True, json=None)
+                                calib_samples=None, calib_seqlen=None, seed=0, out=str(out), overwrite=True, json=None,
+                                preset=None, method_opt=[], artifacts=None)
         qr = cmd_quantize(qa)
         ev = evaluate(str(out), None, 1024, a.max_windows, device)
         rows.append({"config": f"{spec.name} {a.method}", "ppl": ev["ppl"], "ratio": ev["ppl"] / fp["ppl"],

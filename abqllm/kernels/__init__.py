@@ -1,3 +1,4 @@
 """Kernel registry and the always-available reference implementations."""
 from abqllm.kernels import reference  # noqa: F401  (registers the reference kernels)
+from abqllm.kernels import cuda, triton_linear  # noqa: F401  (register 'cuda' and 'triton'; import neither triton nor nvcc)
 from abqllm.kernels.registry import available, register, select  # noqa: F401

@@ -1,0 +1,299 @@
+"""Triton implementation of the 'linear' op (and the activation quantizer it uses), for every WpAq.
+
+Registered as linear kernel 'triton' (priority 20: `auto` picks it over 'torch' wherever it applies).
+Supports: weight storage bits 1..8 (balanced W_p* included: stored and computed as p+1-bit codes),
+activations q in 2..8 (integer path: int8 operands, int32 accumulation) or 16 (float path, x in
+fp16/bf16/fp32), per-channel scales or groups whose size is a multiple of 32 (a shorter last group,
+K % group_size != 0, is fine), any M, N, K (K need not be a multiple of 32), dynamic per-token or static
+per-tensor activation scales, optional bias. Device: CUDA; on the CPU only inside Triton's interpreter
+(TRITON_INTERPRET=1 set before triton is imported), which is how the CPU test suite runs these kernels.
+
+The kernels read the checkpoint's plain packed layout directly: there is no second weight layout and
+no repack at load time. Arithmetic and layouts: see triton_kernels.py. The entry points here are plain
+functions on tensors; kernels/custom_ops.py wraps them as torch.library ops for torch.compile and CUDA
+graphs, and the registered 'linear' kernel calls those ops.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+from dataclasses import dataclass, replace
+
+import torch
+
+from abqllm.formats.packing import WORD
+from abqllm.kernels.registry import register
+
+# Per-channel integer segments are flushed to float at least every FLUSH_COLS columns so that the
+# int32 segment sums cannot overflow: |terms| <= 4 * 128 * 128 * FLUSH_COLS < 2^31.
+FLUSH_COLS = 16384
+INT8_MAX_BITS = 8
+
+
+@dataclass(frozen=True)
+class Config:
+    """Tile shape and launch parameters of one qlinear_kernel launch."""
+    bm: int
+    bn: int
+    bk: int
+    split_k: int = 1
+    use_dot: bool = True
+    num_warps: int = 4
+    num_stages: int = 2
+    group_m: int = 8
+    flush_cols: int = FLUSH_COLS  # per-channel: longest run of columns summed in int32 before a flush
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.cache
+def have_triton() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def _kernels():
+    from abqllm.kernels import triton_kernels  # imports triton; kept out of `import abqllm`
+    return triton_kernels
+
+
+def shape_supported(storage_bits: int, act_bits: int, group_size: int) -> bool:
+    return 1 <= storage_bits <= INT8_MAX_BITS and (act_bits == 16 or 2 <= act_bits <= 8) and group_size % WORD == 0
+
+
+def supports(layer, device: torch.device) -> bool:
+    if not have_triton():
+        return False
+    if device.type == "cuda":
+        pass
+    elif device.type != "cpu" or not interpreting():
+        return False
+    spec = layer.spec
+    return shape_supported(spec.weight.storage_bits, spec.act.bits, spec.weight.group_size)
+
+
+# ---- activation quantization --------------------------------------------------------------------
+
+def act_center_exact(bits: int, symmetric: bool) -> bool:
+    """Whether u - z fits int8 for every code (then the kernels need no activation offset term)."""
+    return bits <= 7 or symmetric
+
+
+def act_quant(x: torch.Tensor, bits: int, symmetric: bool, act_scale: torch.Tensor | None = None,
+              act_zero: torch.Tensor | None = None,
+              out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Quantize rows of x [M, K] to q-bit codes u (as act_qparams/quantize_act do), centred for int8.
+
+    Returns xq int8 [M, K] = u - c, the scale s float32 [M] and a int32 [M] = c - z, where c = z when
+    u - z fits int8 (a = 0) and c = 2^(q-1) otherwise (q = 8 asymmetric). So u - z = xq + a.
+    With act_scale/act_zero (float32 [1]) the scale is static per tensor instead of per token.
+    `out` (xq, s, a) are written in place when given (tests pass poisoned buffers).
+    """
+    if x.dim() != 2:
+        raise ValueError(f"act_quant expects [M, K], got {tuple(x.shape)}")
+    if not 2 <= bits <= 8:
+        raise ValueError(f"activation bits must be 2..8 for the integer path, got {bits}")
+    x = x.contiguous()
+    m, k = x.shape
+    if out is None:
+        out = (torch.empty(m, k, dtype=torch.int8, device=x.device), torch.empty(m, dtype=torch.float32, device=x.device),
+               torch.empty(m, dtype=torch.int32, device=x.device))
+    xq, sx, ax = out
+    if m == 0:
+        return xq, sx, ax
+    static = act_scale is not None
+    if static:
+        s_static, z_static = act_scale.float().reshape(1), act_zero.float().reshape(1)
+    else:
+        s_static = z_static = sx  # unused
+    block = min(4096, max(32, triton_next_pow2(k))) if not interpreting() else min(256, max(32, triton_next_pow2(k)))
+    from abqllm.quant.primitives import MIN_ACT_SCALE
+    _kernels().act_quant_kernel[(m,)](
+        x, xq, sx, ax, s_static, z_static, k, x.stride(0),
+        QMAX=2 ** bits - 1, HALF=2 ** (bits - 1), SYMMETRIC=symmetric, STATIC=static,
+        CENTER_EXACT=act_center_exact(bits, symmetric), MIN_SCALE=MIN_ACT_SCALE, BLOCK=block,
+        num_warps=4 if block <= 1024 else 8)
+    return xq, sx, ax
+
+
+def triton_next_pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+# ---- the linear kernel --------------------------------------------------------------------------
+
+@functools.cache
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _bk_for(group_size: int, preferred: int) -> int:
+    """Largest power of two <= preferred that divides the group size (any if per-channel)."""
+    if group_size == 0:
+        return preferred
+    bk = preferred
+    while group_size % bk:
+        bk //= 2
+    return bk
+
+
+def default_config(m: int, n: int, k: int, group_size: int, int_path: bool, device: torch.device) -> Config:
+    """Heuristic tiles. Decode (M <= 16): split-K so that about two programs run per SM; M = 1 on CUDA
+    cores (gemlite-style GEMV), M = 2..16 with tl.dot at BM = 16. Prefill: large tiles, SPLIT_K = 1.
+    These are untuned guesses (no GPU has run them yet); benchmarks/gpu_suite.py times alternatives."""
+    if device.type != "cuda":  # interpreter: small tiles keep the CPU tests fast and cover split-K
+        bk = _bk_for(group_size, 32)
+        cfg = Config(bm=1 if m == 1 else 16 if m <= 16 else 32, bn=32, bk=bk, use_dot=m > 1)
+        return _with_split(cfg, m, n, k, group_size, target_programs=4) if m <= 16 else cfg
+    if m > 16:
+        return _gpu_prefill_config(m, group_size, int_path)
+    return _with_split(_gpu_decode_config(m, group_size), m, n, k, group_size,
+                       target_programs=2 * _num_sms(device.index or 0))
+
+
+def _gpu_decode_config(m: int, group_size: int) -> Config:
+    if m == 1:
+        return Config(bm=1, bn=64, bk=_bk_for(group_size, 128), use_dot=False, num_warps=4, num_stages=2)
+    return Config(bm=16, bn=64, bk=_bk_for(group_size, 128), num_warps=4, num_stages=3)
+
+
+def _gpu_prefill_config(m: int, group_size: int, int_path: bool) -> Config:
+    bm = 64 if m <= 64 else 128
+    return Config(bm=bm, bn=128, bk=_bk_for(group_size, 128 if int_path else 64), num_warps=8, num_stages=3)
+
+
+def _with_split(cfg: Config, m: int, n: int, k: int, group_size: int, target_programs: int) -> Config:
+    tiles = -(-m // cfg.bm) * -(-n // cfg.bn)
+    unit = group_size if group_size else cfg.bk
+    units = -(-k // unit)
+    split = max(1, min(units, target_programs // max(1, tiles)))
+    return replace(cfg, split_k=split)
+
+
+def split_plan(k: int, group_size: int, cfg: Config) -> tuple[int, int]:
+    """(split_k, K_PER_SPLIT): splits start on group boundaries and none is empty."""
+    unit = group_size if group_size else cfg.bk
+    units = -(-k // unit)
+    split = max(1, min(cfg.split_k, units))
+    per = -(-units // split) * unit
+    return -(-k // per), per
+
+
+def qlinear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+            bias: torch.Tensor | None, act_scale: torch.Tensor | None, act_zero: torch.Tensor | None,
+            in_features: int, storage_bits: int, group_size: int, act_bits: int, act_symmetric: bool,
+            config: Config | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """y = Q_a(x) @ W^T + bias with W = s_w * (w - z_w) read from the plain packed layout.
+
+    x [..., K] (any float dtype) -> y [..., N] in x's dtype. The reference is kernels/reference.py.
+    `config` overrides the tile heuristics; `out` (contiguous, [..., N], x's dtype) receives y when given.
+    """
+    if not shape_supported(storage_bits, act_bits, group_size):
+        raise ValueError(f"triton qlinear does not support W(storage {storage_bits} bits) A{act_bits} g{group_size}")
+    shape = x.shape
+    k, n = in_features, qweight.shape[0]
+    if shape[-1] != k:
+        raise ValueError(f"x has {shape[-1]} features, layer expects {k}")
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    int_path = act_bits != 16
+    cfg = config or default_config(m, n, k, group_size, int_path, x.device)
+    split, k_per_split = split_plan(k, group_size, cfg)
+    out_dtype = x.dtype
+    if out is not None and (out.dtype != out_dtype or not out.is_contiguous() or out.numel() != m * n):
+        raise ValueError("out must be a contiguous tensor of x's dtype with [..., N] elements")
+    if split > 1:
+        y = torch.zeros(m, n, dtype=torch.float32, device=x.device)
+    elif out is not None:
+        y = out.view(m, n)
+    else:
+        y = torch.empty(m, n, dtype=out_dtype, device=x.device)
+    if m == 0:
+        return y.to(out_dtype).reshape(*shape[:-1], n)
+    if int_path:
+        a_in, sx, ax = act_quant(x2, act_bits, act_symmetric, act_scale, act_zero)
+    else:
+        a_in, sx, ax = x2, scales, scales  # sx/ax unused on the float path
+    grid = (-(-m // cfg.bm) * -(-n // cfg.bn), split)
+    _kernels().qlinear_kernel[grid](
+        a_in, sx, ax, qweight, scales, zeros, bias if bias is not None else scales, y,
+        m, n, k, qweight.shape[1], scales.shape[1], a_in.stride(0), y.stride(0), k_per_split,
+        **qlinear_constexprs(storage_bits, group_size, act_bits, act_symmetric, bias is not None, x.dtype, split, cfg,
+                             interpreting()),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if split > 1:
+        y = out.view(m, n).copy_(y) if out is not None else y.to(out_dtype)
+    return y.reshape(*shape[:-1], n)
+
+
+def qlinear_constexprs(storage_bits: int, group_size: int, act_bits: int, act_symmetric: bool, has_bias: bool,
+                       x_dtype: torch.dtype, split: int, cfg: Config, interpret: bool) -> dict:
+    """The compile-time parameters of qlinear_kernel for one launch (shared by the launcher and aot_compile)."""
+    int_path = act_bits != 16
+    # Float path: tensor-core dot in fp16/bf16; other dtypes (fp32, fp64) as an fp32 "ieee" dot. Triton's
+    # interpreter multiplies bf16 as raw uint16 bits in tl.dot (triton 3.6/3.7), so it gets the fp32 dot too.
+    dot_f32 = not int_path and (x_dtype not in (torch.float16, torch.bfloat16) or (interpret and x_dtype == torch.bfloat16))
+    return dict(BITS=storage_bits, GS=group_size, INT_PATH=int_path, W_EXACT=storage_bits <= 7,
+                A_OFFSET=int_path and not act_center_exact(act_bits, act_symmetric), HAS_BIAS=has_bias,
+                SPLIT_K=split, USE_DOT=cfg.use_dot, DOT_F32=dot_f32, BM=cfg.bm, BN=cfg.bn, BK=cfg.bk,
+                GROUP_M=cfg.group_m, FLUSH_COLS=cfg.flush_cols, WORDS_P=triton_next_pow2(cfg.bk // 32 * storage_bits))
+
+
+_TRITON_TYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
+
+
+def aot_compile(m: int, n: int, k: int, storage_bits: int, group_size: int, act_bits: int, act_symmetric: bool = False,
+                has_bias: bool = False, x_dtype: torch.dtype = torch.float16, config: Config | None = None,
+                arch: int = 90):
+    """Compile the qlinear_kernel launch that `qlinear` would make for these sizes, for sm_<arch>, without a GPU
+    (Triton ships ptxas). Returns triton's CompiledKernel (.asm holds ttgir, ptx, cubin). Used by the CPU tests
+    and benchmarks/gpu/aot_check.py to catch compile-only errors the interpreter cannot see."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    int_path = act_bits != 16
+    cfg = config
+    if cfg is None:  # what default_config picks on an H100 (132 SMs)
+        cfg = (_gpu_prefill_config(m, group_size, int_path) if m > 16 else
+               _with_split(_gpu_decode_config(m, group_size), m, n, k, group_size, target_programs=2 * 132))
+    split, _ = split_plan(k, group_size, cfg)
+    const = qlinear_constexprs(storage_bits, group_size, act_bits, act_symmetric, has_bias, x_dtype, split, cfg, False)
+    xt = _TRITON_TYPE[x_dtype]
+    ptr = dict(x_ptr="*i8" if int_path else f"*{xt}", sx_ptr="*fp32" if int_path else "*fp16",
+               ax_ptr="*i32" if int_path else "*fp16", qw_ptr="*i32", sw_ptr="*fp16", zw_ptr="*u8",
+               bias_ptr=f"*{xt}" if has_bias else "*fp16", y_ptr="*fp32" if split > 1 else f"*{xt}")
+    fn = _kernels().qlinear_kernel
+    sig = {**ptr, **{a: "i32" for a in ("M", "N", "K", "KW", "G", "stride_xm", "stride_ym", "K_PER_SPLIT")},
+           **{c: "constexpr" for c in const}}
+    names = fn.arg_names
+    # What Triton's launcher specializes at run time: 16-byte aligned pointers, ints divisible by 16.
+    ints = dict(M=m, N=n, K=k, KW=-(-k // 32) * storage_bits, G=1 if group_size == 0 else -(-k // group_size),
+                stride_xm=k, stride_ym=n, K_PER_SPLIT=split_plan(k, group_size, cfg)[1])
+    attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in ptr}
+    attrs.update({(names.index(a),): [["tt.divisibility", 16]] for a, v in ints.items() if v % 16 == 0})
+    src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(c),): v for c, v in const.items()}, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                          options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+
+
+def layer_args(layer) -> dict:
+    """The QuantLinear buffers and scheme as the keyword arguments of `qlinear`."""
+    spec = layer.spec
+    return dict(qweight=layer.qweight, scales=layer.scales, zeros=layer.zeros, bias=layer.bias,
+                act_scale=getattr(layer, "act_scale", None), act_zero=getattr(layer, "act_zero", None),
+                in_features=layer.in_features, storage_bits=spec.weight.storage_bits,
+                group_size=spec.weight.group_size, act_bits=spec.act.bits, act_symmetric=spec.act.symmetric)
+
+
+@register("linear", "triton", priority=20, supports=supports)
+def linear_triton(layer, x: torch.Tensor) -> torch.Tensor:
+    """Packed weights unpacked in registers; int8 tensor cores for q <= 8, fp16/bf16 for A16."""
+    from abqllm.kernels import custom_ops
+    return custom_ops.triton_qlinear(x, **layer_args(layer))

@@ -1,0 +1,239 @@
+"""ABQ calibration (ABQ.md sections 2-4): learnable equivalent transforms, learnable weight clipping
+and distribution compensation, trained block by block against the float block's outputs on both
+streams with MSE, cosine (distribution correction) and attention-map KL terms; then folded.
+
+The math lives in abq_math.py; this file adapts it to the block runner.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from dataclasses import asdict, dataclass, fields
+from typing import ClassVar
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from abqllm.calib.runner import BlockContext
+from abqllm.errors import AbqError
+from abqllm.methods import abq_math as M
+from abqllm.methods.rotation import rotate_model
+from abqllm.models.arch import attention_dims
+from abqllm.nn.qlinear import QuantLinear
+from abqllm.quant import primitives as P
+from abqllm.spec import QuantSpec
+
+log = logging.getLogger(__name__)
+
+# name -> (options, (calibration windows, tokens per window)). Costs are in the README; "cpu"
+# finishes the default model in minutes on 2 cores, "paper" is the ABQ-LLM recipe (20 or 40 epochs).
+PRESETS = {
+    "cpu": (dict(epochs=2, lr_smooth=1e-2, lr_clip=2e-2), (32, 256)),
+    "paper": (dict(epochs=20, lr_smooth=5e-3, lr_clip=1e-2), (128, 2048)),
+    "paper-long": (dict(epochs=40, lr_smooth=5e-3, lr_clip=1e-2), (128, 2048)),
+}
+
+
+@dataclass(frozen=True)
+class ABQ:
+    name: str = "abq"
+    epochs: int = 2
+    lr_smooth: float = 1e-2      # equivalent-transform scales
+    lr_clip: float = 2e-2        # clipping and compensation
+    batch_size: int = 4
+    alpha: float = 0.5           # SmoothQuant-style initialisation exponent
+    smooth: bool = True          # learnable equivalent transforms
+    lwc: bool = True             # learnable weight clipping
+    compensation: bool = True    # W + a b^T on down_proj of the first/last blocks
+    comp_first: int = 3
+    comp_last: int = 4
+    use_mse: bool = True
+    use_cos: bool = True
+    use_attn: bool = True
+    rotate: bool = False         # rotate the residual stream first (QuaRot-style), see rotation.py
+    presets: ClassVar[dict] = PRESETS
+
+    def needs_data(self, spec: QuantSpec) -> bool:
+        return True
+
+    def prepare_model(self, model: nn.Module, seed: int) -> None:
+        """Model-level step before the blocks: the optional residual rotation."""
+        if self.rotate:
+            rotate_model(model, seed)
+
+    @property
+    def needs_attention_maps(self) -> bool:
+        return self.use_attn
+
+    def settings(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "name"}
+
+    # ---- calibration --------------------------------------------------------------------------
+
+    def calibrate(self, ctx: BlockContext) -> dict[str, torch.Tensor]:
+        if not ctx.spec.act.is_float and not ctx.spec.act.dynamic:
+            raise AbqError("abq calibrates with dynamic per-token activations; drop --act-static")
+        block = ctx.block
+        weights = {n: p.detach() for n, p in block.named_parameters()}
+        groups = _groups(ctx)
+        params = self._init_params(ctx, weights, groups)
+        t1 = ctx.run(block, ctx.x_fp)
+        t2 = ctx.run(block, ctx.x_q)
+        trainable = [p for p in params.values() if p.requires_grad]
+        if not trainable or self.epochs == 0:
+            return {k: v.detach() for k, v in params.items()}
+        opt = torch.optim.AdamW([
+            {"params": [v for k, v in params.items() if k.startswith("smooth.")], "lr": self.lr_smooth},
+            {"params": [v for k, v in params.items() if not k.startswith("smooth.")], "lr": self.lr_clip},
+        ], weight_decay=0.0)
+        n = ctx.x_q.shape[0]
+        t0 = time.perf_counter()
+        first = last = None
+        for epoch in range(self.epochs):
+            for idx in torch.randperm(n).split(self.batch_size):
+                xq, xf = ctx.x_q[idx].to(ctx.device), ctx.x_fp[idx].to(ctx.device)
+                a_fp = None
+                if self.use_attn:
+                    with torch.no_grad(), _capture_attention(ctx) as maps:
+                        functional_call(block, {}, (xf,), ctx.kwargs)
+                    a_fp = maps[0] if maps else None
+                with _capture_attention(ctx) if self.use_attn else contextlib.nullcontext([]) as maps:
+                    y = self._forward_q(ctx, weights, params, groups, xq)
+                loss, terms = M.abq_loss(y, t1[idx].to(ctx.device), t2[idx].to(ctx.device),
+                                         maps[0] if maps else None, a_fp, self.use_mse, self.use_cos, self.use_attn)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                first = first if first is not None else terms
+                last = terms
+        log.info("block %d: %s -> %s in %.1f s", ctx.index, _fmt(first), _fmt(last), time.perf_counter() - t0)
+        return {k: v.detach().clone() for k, v in params.items()}
+
+    def _init_params(self, ctx: BlockContext, weights, groups) -> dict[str, torch.Tensor]:
+        params: dict[str, torch.Tensor] = {}
+        if self.smooth:
+            stats = _input_absmax(ctx, [g.linears[0] for _, g in groups])
+            dims = attention_dims(ctx.block.get_submodule(ctx.arch.attn).config)
+            for i, g in groups:
+                x_max = stats[g.linears[0]]
+                w_max = torch.cat([weights[f"{l}.weight"] for l in g.linears]).abs().amax(0)
+                prev_out = weights[f"{g.prev}.weight"].shape[0]
+                if x_max.numel() != prev_out:  # o_proj input per query head -> per kv head channel
+                    heads, kv, hd = dims
+                    x_max = x_max.reshape(kv, heads // kv, hd).amax(1).reshape(-1)
+                    w_max = w_max.reshape(kv, heads // kv, hd).amax(1).reshape(-1)
+                params[M.group_key(i)] = M.smooth_init(x_max, w_max, self.alpha).requires_grad_()
+        spec = ctx.spec.weight
+        for name in ctx.linears:
+            w = weights[f"{name}.weight"]
+            g = P.num_groups(w.shape[1], spec.group_size)
+            for side in ("lo", "hi"):
+                params[f"clip.{name}.{side}"] = torch.full((w.shape[0], g), M.CLIP_INIT, device=w.device,
+                                                           requires_grad=self.lwc)
+        down = ctx.arch.mlp_down
+        use_comp = self.compensation and (ctx.index < self.comp_first or ctx.index >= ctx.num_blocks - self.comp_last)
+        if use_comp and down in ctx.linears:
+            w = weights[f"{down}.weight"]
+            params[f"comp.{down}.a"] = torch.zeros(w.shape[0], 1, device=w.device, requires_grad=True)
+            params[f"comp.{down}.b"] = torch.ones(1, w.shape[1], device=w.device, requires_grad=True)
+        return params
+
+    def _transformed(self, ctx: BlockContext, weights, params, groups) -> dict[str, torch.Tensor]:
+        dims = attention_dims(ctx.block.get_submodule(ctx.arch.attn).config)
+        return M.transform_block(weights, params, [(M.group_key(i), g) for i, g in groups], ctx.arch, dims)
+
+    def _forward_q(self, ctx: BlockContext, weights, params, groups, x: torch.Tensor) -> torch.Tensor:
+        new = self._transformed(ctx, weights, params, groups)
+        for name in ctx.linears:
+            w = new.get(f"{name}.weight", weights[f"{name}.weight"])
+            new[f"{name}.weight"] = M.fake_quant_clipped(w, ctx.spec.weight, params[f"clip.{name}.lo"],
+                                                         params[f"clip.{name}.hi"])
+        with _act_quant(ctx):
+            out = functional_call(ctx.block, new, (x,), ctx.kwargs)
+        return out[0] if isinstance(out, (tuple, list)) else out
+
+    # ---- fold ---------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def apply(self, ctx: BlockContext, result: dict[str, torch.Tensor]) -> dict[str, QuantLinear]:
+        block = ctx.block
+        result = {k: v.to(ctx.device) for k, v in result.items()}
+        weights = {n: p.detach() for n, p in block.named_parameters()}
+        new = self._transformed(ctx, weights, result, _groups(ctx))
+        owned = {f"{n}.{t}" for n in ctx.linears for t in ("weight", "bias")}
+        for name, t in new.items():
+            if name not in owned:  # norms, skipped linears: fold in place
+                block.get_parameter(name).copy_(t)
+        qlayers = {}
+        for name, lin in ctx.linears.items():
+            w = new.get(f"{name}.weight", weights[f"{name}.weight"])
+            lo, hi = M.clip_range(w, ctx.spec.weight, result[f"clip.{name}.lo"], result[f"clip.{name}.hi"])
+            scale, zero = P.weight_qparams(w, ctx.spec.weight, lo, hi)
+            folded = torch.nn.utils.skip_init(nn.Linear, lin.in_features, lin.out_features,
+                                              bias=lin.bias is not None, device=w.device, dtype=lin.weight.dtype)
+            folded.weight.copy_(w)
+            if lin.bias is not None:
+                folded.bias.copy_(new.get(f"{name}.bias", lin.bias))
+            qlayers[name] = QuantLinear.from_float(folded, ctx.spec.layer, scale, zero)
+        return qlayers
+
+
+def _groups(ctx: BlockContext):
+    """(index, group) of the arch's linear groups that have a producer to fold a scale into."""
+    return [(i, g) for i, g in enumerate(ctx.arch.groups) if g.prev is not None]
+
+
+@torch.no_grad()
+def _input_absmax(ctx: BlockContext, names: list[str]) -> dict[str, torch.Tensor]:
+    stats: dict[str, torch.Tensor] = {}
+    handles = []
+    for name in names:
+        def hook(_m, args, name=name):
+            a = args[0].detach().abs().reshape(-1, args[0].shape[-1]).amax(0)
+            stats[name] = torch.maximum(stats[name], a) if name in stats else a
+        handles.append(ctx.block.get_submodule(name).register_forward_pre_hook(hook))
+    try:
+        ctx.run(ctx.block, ctx.x_fp)
+    finally:
+        for h in handles:
+            h.remove()
+    return stats
+
+
+@contextlib.contextmanager
+def _act_quant(ctx: BlockContext):
+    """Fake-quantize the input of every quantized linear (per token, straight-through)."""
+    if ctx.spec.act.is_float:
+        yield
+        return
+    spec = ctx.spec.act
+    handles = [lin.register_forward_pre_hook(lambda _m, args: (P.fake_quant_act(args[0], spec), *args[1:]))
+               for lin in ctx.linears.values()]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextlib.contextmanager
+def _capture_attention(ctx: BlockContext):
+    """Head-averaged attention probabilities of the block's attention (needs eager attention)."""
+    maps: list[torch.Tensor] = []
+
+    def hook(_m, _args, out):
+        if isinstance(out, tuple) and len(out) > 1 and out[1] is not None:
+            maps.append(out[1].mean(1))
+
+    h = ctx.block.get_submodule(ctx.arch.attn).register_forward_hook(hook)
+    try:
+        yield maps
+    finally:
+        h.remove()
+
+
+def _fmt(terms: dict | None) -> str:
+    return "{}" if not terms else ", ".join(f"{k} {v:.4g}" for k, v in terms.items())

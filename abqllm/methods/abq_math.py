@@ -1,0 +1,110 @@
+"""ABQ-LLM's math as pure functions (ABQ.md sections 2-4).
+
+Each transform is written once, as a differentiable function of its parameters; calibration calls
+it under autograd and the final fold calls the same function without gradients.
+
+Parameters of one block (all tensors, so a result is a plain dict that can be saved and re-applied):
+- `smooth.<k>`       log of a per-channel scale for LinearGroup k (norm -> linears, linear -> linear);
+                     the producer is divided by s, the consumers' input columns multiplied by s
+- `clip.<linear>.lo`, `clip.<linear>.hi`   learnable weight clipping logits [N, G] (sigmoid; 4 at start)
+- `comp.<linear>.a`, `comp.<linear>.b`     distribution compensation W + a b^T (a = 0, b = 1 at start)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from abqllm.models.arch import ArchSpec, LinearGroup
+from abqllm.quant import primitives as P
+from abqllm.spec import WeightSpec
+
+CLIP_INIT = 4.0
+
+
+def group_key(i: int) -> str:
+    return f"smooth.{i}"
+
+
+def expand_kv_scale(s: torch.Tensor, heads: int, kv_heads: int, head_dim: int) -> torch.Tensor:
+    """Per-channel scale of v_proj's outputs [kv_heads*hd] -> o_proj's input columns [heads*hd] (GQA)."""
+    return s.reshape(kv_heads, 1, head_dim).expand(kv_heads, heads // kv_heads, head_dim).reshape(-1)
+
+
+def transform_block(weights: dict[str, torch.Tensor], params: dict[str, torch.Tensor],
+                    groups: list[tuple[str, LinearGroup]], arch: ArchSpec,
+                    dims: tuple[int, int, int]) -> dict[str, torch.Tensor]:
+    """Float block tensors (names as in block.named_parameters()) -> transformed tensors.
+
+    `groups` pairs each scale's key in `params` with its LinearGroup. Only tensors that change are
+    returned. Exact in real arithmetic: the transformed float block computes the same function.
+    """
+    heads, kv_heads, head_dim = dims
+    out = dict(weights)
+    for key, g in groups:
+        if key not in params or g.prev is None:
+            continue
+        s = params[key].exp()
+        consumer_in = out[f"{g.linears[0]}.weight"].shape[1]
+        s_cols = expand_kv_scale(s, heads, kv_heads, head_dim) if s.numel() != consumer_in else s
+        for lin in g.linears:
+            out[f"{lin}.weight"] = out[f"{lin}.weight"] * s_cols
+        pw, pb = f"{g.prev}.weight", f"{g.prev}.bias"
+        if out[pw].dim() == 1:  # a norm: y = norm(x) * w (+ b); Gemma: norm(x) * (1 + w)
+            out[pw] = (1 + out[pw]) / s - 1 if arch.norm_plus_one else out[pw] / s
+        else:  # a linear: scale its output rows
+            out[pw] = out[pw] / s.unsqueeze(1)
+        if pb in out and out[pb] is not None:
+            out[pb] = out[pb] / s
+    for key in params:  # distribution compensation, after the transforms, before quantization
+        if key.startswith("comp.") and key.endswith(".a"):
+            lin = key[len("comp."): -len(".a")]
+            out[f"{lin}.weight"] = out[f"{lin}.weight"] + params[key] @ params[f"comp.{lin}.b"]
+    return {k: v for k, v in out.items() if v is not weights.get(k)}
+
+
+def clip_range(w: torch.Tensor, spec: WeightSpec, lo_logit: torch.Tensor, hi_logit: torch.Tensor):
+    """Learnable clipping: [sigmoid(lo) * min, sigmoid(hi) * max] per channel/group."""
+    gmin, gmax = P.group_minmax(w, spec.group_size)
+    return torch.sigmoid(lo_logit) * gmin, torch.sigmoid(hi_logit) * gmax
+
+
+def fake_quant_clipped(w: torch.Tensor, spec: WeightSpec, lo_logit: torch.Tensor, hi_logit: torch.Tensor):
+    lo, hi = clip_range(w, spec, lo_logit, hi_logit)
+    return P.fake_quant_weight(w, spec, lo, hi)
+
+
+# ---- losses -----------------------------------------------------------------------------------
+
+def cosine_term(y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """-log |mean over tokens of cos(y, t)| (cosine over the hidden dimension)."""
+    cos = F.cosine_similarity(y.float(), t.float(), dim=-1).mean()
+    return -torch.log(cos.abs().clamp(min=1e-8))
+
+
+def attention_kl(a_q: torch.Tensor, a_fp: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """|KL(Aq || Afp)| + |KL(Afp || Aq)| of head-averaged attention maps [B, L, L], mean over queries."""
+    lq, lf = torch.log(a_q + eps), torch.log(a_fp + eps)
+    kl_qf = (a_q * (lq - lf)).sum(-1).mean()
+    kl_fq = (a_fp * (lf - lq)).sum(-1).mean()
+    return kl_qf.abs() + kl_fq.abs()
+
+
+def abq_loss(y_q: torch.Tensor, t1: torch.Tensor, t2: torch.Tensor, a_q: torch.Tensor | None,
+             a_fp: torch.Tensor | None, use_mse: bool = True, use_cos: bool = True,
+             use_attn: bool = True) -> tuple[torch.Tensor, dict[str, float]]:
+    terms: dict[str, torch.Tensor] = {}
+    if use_mse:
+        terms["mse"] = F.mse_loss(y_q, t1) + F.mse_loss(y_q, t2)
+    if use_cos:
+        terms["cos"] = cosine_term(y_q, t1) + cosine_term(y_q, t2)
+    if use_attn and a_q is not None and a_fp is not None:
+        terms["attn"] = attention_kl(a_q, a_fp)
+    total = sum(terms.values())
+    return total, {k: float(v.detach()) for k, v in terms.items()}
+
+
+def smooth_init(x_absmax: torch.Tensor, w_absmax: torch.Tensor, alpha: float = 0.5) -> torch.Tensor:
+    """log of SmoothQuant's s = max|X|^alpha / max|W|^(1 - alpha), guarded against zeros."""
+    s = x_absmax.clamp(min=1e-5).pow(alpha) / w_absmax.clamp(min=1e-5).pow(1 - alpha)
+    return s.clamp(1e-3, 1e3).log()

@@ -1,0 +1,80 @@
+"""Methods made of an equivalent transform followed by a rounding method.
+
+Supported names (registered in abqllm/methods/__init__.py):
+    smoothquant        SmoothQuant scales, then round-to-nearest
+    awq                AWQ scales (+ clips), then round-to-nearest
+    smoothquant+gptq   SmoothQuant scales, then GPTQ on the transformed weights
+    awq+gptq           AWQ scales (+ clips), then GPTQ on the transformed (and clipped) weights
+The transform always comes first and the rounding last (gptq+awq makes no sense: GPTQ's output is
+already rounded). smoothquant+awq is not offered: both are scalings of the same channels.
+
+calibrate: search the transform on the float block, fold it into a copy of the block, run the
+rounding method's calibration on that copy (GPTQ's Hessians then see the transformed inputs; static
+activation ranges are measured after the transform). apply: fold the same transform into the real
+block, then let the rounding method build the QuantLinears. The result holds both methods' tensors
+("smooth.*", "clip.*" from the transform; "<linear>.*" from the rounding).
+Options go to whichever part has a field of that name: get_method("awq+gptq", n_grid=10, act_order=True).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from abqllm.calib.runner import BlockContext
+from abqllm.methods.awq import AWQ
+from abqllm.methods.gptq import GPTQ
+from abqllm.methods.rtn import RTN
+from abqllm.methods.smoothquant import SmoothQuant
+from abqllm.nn.qlinear import QuantLinear
+from abqllm.spec import QuantSpec
+
+TRANSFORMS = {"smoothquant": SmoothQuant, "awq": AWQ}
+ROUNDINGS = {"rtn": RTN, "gptq": GPTQ}
+
+
+@dataclass(frozen=True)
+class Composed:
+    name: str
+    transform: SmoothQuant | AWQ
+    rounding: RTN | GPTQ
+
+    def needs_data(self, spec: QuantSpec) -> bool:
+        return True
+
+    def settings(self) -> dict:
+        return {"transform": self.transform.name, **self.transform.settings(),
+                "rounding": self.rounding.name, **self.rounding.settings()}
+
+    def calibrate(self, ctx: BlockContext) -> dict[str, torch.Tensor]:
+        found = self.transform.search(ctx)
+        if not self.rounding.needs_data(ctx.spec):  # RTN with dynamic activations: nothing to measure
+            return found
+        work = copy.deepcopy(ctx.block)
+        self.transform.fold(work, ctx, found)
+        inner = dataclasses.replace(ctx, block=work, linears={n: work.get_submodule(n) for n in ctx.linears})
+        return {**found, **self.rounding.calibrate(inner)}
+
+    def apply(self, ctx: BlockContext, result: dict[str, torch.Tensor]) -> dict[str, QuantLinear]:
+        self.transform.fold(ctx.block, ctx, result)
+        return self.rounding.apply(ctx, result)  # ctx.linears are the block's, now transformed
+
+
+def composed(name: str):
+    """Factory for get_method: 'awq' -> AWQ then RTN, 'awq+gptq' -> AWQ then GPTQ."""
+    transform_name, _, rounding_name = name.partition("+")
+    t_cls, r_cls = TRANSFORMS[transform_name], ROUNDINGS[rounding_name or "rtn"]
+
+    def build(**options) -> Composed:
+        fields = {cls: {f.name for f in dataclasses.fields(cls)} - {"name"} for cls in (t_cls, r_cls)}
+        unknown = sorted(set(options) - fields[t_cls] - fields[r_cls])
+        if unknown:
+            raise TypeError(f"unexpected option(s) {', '.join(unknown)}; {name} takes "
+                            f"{', '.join(sorted(fields[t_cls] | fields[r_cls])) or 'none'}")
+        parts = [cls(**{k: v for k, v in options.items() if k in fields[cls]}) for cls in (t_cls, r_cls)]
+        return Composed(name, *parts)
+
+    return build

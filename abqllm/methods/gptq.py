@@ -1,0 +1,189 @@
+"""GPTQ (Frantar et al. 2022): round one column at a time and push each column's rounding error onto the
+columns not yet rounded, weighted by the inverse Hessian H = 2 X^T X / n of the layer's inputs X.
+
+Follows IST-DASLab/gptq `fasterquant` (dampening, Cholesky factor of H^-1, lazy column blocks of 128),
+with the stored format of abqllm: qparams come from abqllm.quant.primitives and the result is the
+codes, scales and zeros a QuantLinear stores (exact, no re-rounding).
+Groups: qparams of a group are computed when the column loop enters it, from the group's current
+(already error-updated) columns. The reference reads them from a stale copy when a group starts inside
+a column block; here the column block is a multiple of the group size, so the current values are at
+hand. With act_order (columns in order of decreasing diag(H)) and groups, the groups' qparams are
+computed up front from the unquantized weight ("static groups"), so every group stays a contiguous
+run of columns in the stored layout; `static_groups=True` does the same without act_order.
+
+Inputs X come from the quantized stream (ctx.x_q). With `sequential` (the default, GPTQ's
+"true sequential"), the block's LinearGroups are done in forward order on a working copy in which the
+groups already done are quantized: o_proj sees the output of quantized q/k/v, and so on (one block
+forward per group). Otherwise all linears read the float block's inputs on x_q (one forward).
+H uses the linears' float inputs even when activations are quantized (WxA<16).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import asdict, dataclass
+
+import torch
+
+from abqllm.calib.runner import BlockContext
+from abqllm.formats.packing import pack_bits
+from abqllm.nn.qlinear import QuantLinear
+from abqllm.quant import primitives as P
+from abqllm.spec import LayerSpec, QuantSpec, WeightSpec
+
+
+@torch.no_grad()
+def inverse_hessian_factor(h: torch.Tensor, percdamp: float) -> torch.Tensor:
+    """Upper Cholesky factor of (H + damp I)^-1, damp = percdamp * mean(diag H); more damping if needed."""
+    k = h.shape[0]
+    damp = percdamp * torch.mean(torch.diag(h)).clamp(min=1e-8)
+    eye = torch.eye(k, device=h.device, dtype=h.dtype)
+    for _ in range(6):
+        chol, info = torch.linalg.cholesky_ex(h + damp * eye)
+        if info == 0:
+            inv = torch.cholesky_inverse(chol)
+            upper, info = torch.linalg.cholesky_ex(inv, upper=True)
+            if info == 0:
+                return upper
+        damp = damp * 10
+    raise RuntimeError("the Hessian stays singular after dampening; use more or other calibration data")
+
+
+@torch.no_grad()
+def gptq_quantize(w: torch.Tensor, h: torch.Tensor, spec: WeightSpec, percdamp: float = 0.01,
+                  block_size: int = 128, act_order: bool = False,
+                  static_groups: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Weight [N, K], Hessian [K, K] -> codes uint8 [N, K], scale [N, G], zero [N, G] (stored layout).
+
+    Dequantized, P.dequantize_weight(codes, scale, zero, spec.group_size) is the GPTQ weight.
+    """
+    w = w.detach().float().clone()
+    h = h.detach().float().clone()
+    n, k = w.shape
+    gs = spec.group_size
+    column_spec = dataclasses.replace(spec, group_size=0)  # qparams of one group / one column
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1
+    w[:, dead] = 0
+    static = gs == 0 or static_groups or act_order
+    if static:
+        scale, zero = P.weight_qparams(w, spec)
+    else:
+        g = P.num_groups(k, gs)
+        scale = torch.zeros(n, g, device=w.device)
+        zero = torch.zeros(n, g, device=w.device)
+        block_size = max(gs, block_size // gs * gs)  # a group never spans two column blocks
+    perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(k, device=w.device)
+    w, h = w[:, perm], h[perm][:, perm]
+    group_of = torch.zeros(k, dtype=torch.long) if gs == 0 else (perm // gs).cpu()  # stored group of column
+    hinv = inverse_hessian_factor(h, percdamp)
+    codes = torch.zeros(n, k, dtype=torch.uint8, device=w.device)
+    for i1 in range(0, k, block_size):
+        i2 = min(i1 + block_size, k)
+        w1 = w[:, i1:i2].clone()
+        err = torch.zeros_like(w1)
+        hinv1 = hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            gi = int(group_of[col])
+            if not static and col % gs == 0:
+                s_g, z_g = P.weight_qparams(w1[:, i:i + gs], column_spec)
+                scale[:, gi], zero[:, gi] = s_g[:, 0], z_g[:, 0]
+            s, z = scale[:, gi:gi + 1], zero[:, gi:gi + 1]
+            q = P.quantize_weight(w1[:, i:i + 1], column_spec, s, z)
+            codes[:, col] = q[:, 0]
+            wq = P.dequantize_weight(q, s, z, 0)[:, 0]
+            e = (w1[:, i] - wq) / hinv1[i, i]
+            w1[:, i:] -= e[:, None] * hinv1[i, i:][None, :]
+            err[:, i] = e
+        w[:, i2:] -= err @ hinv[i1:i2, i2:]
+    return codes[:, torch.argsort(perm)], scale, zero
+
+
+class HessianStats:
+    """Forward pre-hooks that accumulate X^T X, the token count and the input range of each linear."""
+
+    def __init__(self, linears: dict[str, torch.nn.Module]):
+        self.xtx: dict[str, torch.Tensor] = {}
+        self.count: dict[str, int] = {}
+        self.range: dict[str, tuple[float, float]] = {}
+        self.linears = linears
+
+    def hook(self, name: str):
+        def fn(_module, args):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+            prev = self.xtx.get(name)
+            self.xtx[name] = x.T @ x if prev is None else prev.addmm_(x.T, x)
+            self.count[name] = self.count.get(name, 0) + x.shape[0]
+            lo, hi = self.range.get(name, (float("inf"), float("-inf")))
+            self.range[name] = (min(lo, x.min().item()), max(hi, x.max().item()))
+        return fn
+
+    def hessian(self, name: str) -> torch.Tensor:
+        return self.xtx[name] * (2.0 / self.count[name])
+
+
+def quant_linear_from_codes(linear: torch.nn.Linear, spec: LayerSpec, codes: torch.Tensor, scale: torch.Tensor,
+                            zero: torch.Tensor, act_range: tuple[float, float] | None = None) -> QuantLinear:
+    """A QuantLinear holding exactly these codes/scales/zeros (bias and activation scale from `linear`)."""
+    q = QuantLinear.from_float(linear, spec, scale, zero, act_range)
+    q.qweight.copy_(pack_bits(codes.to(q.qweight.device), spec.weight.storage_bits))
+    return q
+
+
+@dataclass(frozen=True)
+class GPTQ:
+    name: str = "gptq"
+    percdamp: float = 0.01
+    block_size: int = 128
+    act_order: bool = False
+    static_groups: bool = False  # implied by act_order when there are groups
+    sequential: bool = True      # groups in forward order, later ones reading quantized earlier ones
+
+    def needs_data(self, spec: QuantSpec) -> bool:
+        return True
+
+    def settings(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if k != "name"}
+
+    @torch.no_grad()
+    def calibrate(self, ctx: BlockContext) -> dict[str, torch.Tensor]:
+        static_act = not ctx.spec.act.is_float and not ctx.spec.act.dynamic
+        if self.sequential:
+            work = copy.deepcopy(ctx.block)
+            stages = [[n for n in g.linears if n in ctx.linears] for g in ctx.arch.groups]
+        else:
+            work, stages = ctx.block, [list(ctx.linears)]
+        result: dict[str, torch.Tensor] = {}
+        for names in filter(None, stages):
+            linears = {n: work.get_submodule(n) for n in names}
+            stats = HessianStats(linears)
+            handles = [lin.register_forward_pre_hook(stats.hook(n)) for n, lin in linears.items()]
+            try:
+                ctx.run(work, ctx.x_q)
+            finally:
+                for hd in handles:
+                    hd.remove()
+            for n, lin in linears.items():
+                codes, scale, zero = gptq_quantize(lin.weight, stats.hessian(n), ctx.spec.weight, self.percdamp,
+                                                   self.block_size, self.act_order, self.static_groups)
+                result.update({f"{n}.codes": codes, f"{n}.scale": scale, f"{n}.zero": zero})
+                act_range = stats.range[n] if static_act else None
+                if static_act:
+                    result[f"{n}.act_range"] = torch.tensor(act_range)
+                if self.sequential:
+                    work.set_submodule(n, quant_linear_from_codes(lin, ctx.spec.layer, codes, scale, zero,
+                                                                  act_range))
+        return result
+
+    def apply(self, ctx: BlockContext, result: dict[str, torch.Tensor]) -> dict[str, QuantLinear]:
+        def get(name, what):
+            return result[f"{name}.{what}"].to(ctx.device)
+
+        out = {}
+        for n, lin in ctx.linears.items():
+            r = result.get(f"{n}.act_range")
+            out[n] = quant_linear_from_codes(lin, ctx.spec.layer, get(n, "codes"), get(n, "scale"), get(n, "zero"),
+                                             None if r is None else tuple(r.tolist()))
+        return out

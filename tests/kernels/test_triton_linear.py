@@ -1,0 +1,201 @@
+"""Triton kernels against the reference engine, run by Triton's CPU interpreter.
+
+The interpreter is chosen when triton is first imported (TRITON_INTERPRET=1), so in a normal test run
+the single test `test_in_interpreter` starts this file again in a child pytest with the variable set and
+asserts it passes; run it directly with TRITON_INTERPRET=1 to see the individual cases.
+Every case draws fresh random inputs (never zeros) and poisons the output buffers before the kernel runs.
+"""
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _interpreter_broken() -> str | None:
+    """Triton <= 3.6's interpreter turns 1-element arrays into Python ints, which numpy >= 2.4 refuses."""
+    import numpy
+    from importlib.metadata import version
+
+    def ver(s):
+        return tuple(int(p) for p in s.split(".")[:2] if p.isdigit())
+
+    if ver(version("triton")) < (3, 7) and ver(numpy.__version__) >= (2, 4):
+        return f"triton {version('triton')} interpreter fails with numpy {numpy.__version__} (triton issue 9171): use triton>=3.7"
+    return None
+
+
+if not INTERPRETED:
+    def test_in_interpreter():
+        if importlib.util.find_spec("triton") is None:
+            pytest.skip("triton is not installed")
+        if (why := _interpreter_broken()):
+            pytest.skip(why)
+        env = {**os.environ, "TRITON_INTERPRET": "1"}
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__))],
+                              cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+
+else:
+    from abqllm.kernels import custom_ops, registry
+    from abqllm.kernels import triton_linear as TL
+    from abqllm.kernels.reference import linear_reference
+    from abqllm.nn import QuantLinear
+    from abqllm.quant import primitives as P
+    from abqllm.spec import ActSpec, LayerSpec, WeightSpec
+
+    # Output tolerance per dtype: |y - ref| <= rtol * |ref| + atol * max|ref|. The kernels accumulate
+    # exactly (int32) or in fp32 and round once to the output dtype, so rtol is about one ulp of it.
+    TOL = {torch.float16: (2.0 ** -10, 1e-4), torch.bfloat16: (2.0 ** -7, 1e-3), torch.float32: (2e-6, 2e-6)}
+
+    def make_layer(w, a, gs, n, k, *, bias=False, sym_act=False, static=False, seed=0):
+        wbits, balanced = int(str(w).rstrip("*")), str(w).endswith("*")
+        spec = LayerSpec(WeightSpec(wbits, balanced=balanced, group_size=gs), ActSpec(a, symmetric=sym_act,
+                                                                                          dynamic=not static))
+        g = torch.Generator().manual_seed(seed)
+        lin = torch.nn.Linear(k, n, bias=bias)
+        with torch.no_grad():
+            lin.weight.copy_(torch.randn(n, k, generator=g) * (0.5 + torch.rand(n, 1, generator=g)))
+            if bias:
+                lin.bias.copy_(torch.randn(n, generator=g))
+        return QuantLinear.from_float(lin, spec, act_range=(-3.0, 4.0) if static else None)
+
+    def random_x(m, k, dtype, seed):
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(m, k, generator=g) * (0.2 + 2 * torch.rand(m, 1, generator=g)) + 0.3 * torch.randn(m, 1, generator=g)
+        x[:, 0] += 4.0  # an outlier column, as real activations have
+        return x.to(dtype)
+
+    def check_close(y, ref, dtype):
+        rtol, atol = TOL[dtype]
+        assert y.dtype == dtype and torch.isfinite(y).all(), "NaN/inf in the output: an element was not written"
+        err = (y.double() - ref).abs()
+        bound = rtol * ref.abs() + atol * ref.abs().max()
+        assert (err <= bound).all(), f"max err {err.max().item():.3e}, worst ratio {(err / bound).max().item():.2f}"
+
+    def run_layer(layer, x, config=None):
+        out = torch.full((x.shape[0], layer.out_features), float("nan"), dtype=x.dtype)
+        y = TL.qlinear(x, **TL.layer_args(layer), config=config, out=out)
+        assert y.data_ptr() == out.data_ptr()
+        return y
+
+    # (weight, act, group, M, N, K, bias, act symmetric, static act, dtype)
+    CASES = [
+        (4, 8, 0, 1, 40, 70, True, False, False, torch.float16),
+        (4, 16, 128, 3, 33, 576, False, False, False, torch.float16),  # SmolLM2 K=576, g=128: short last group
+        (4, 8, 128, 17, 20, 576, True, False, False, torch.bfloat16),
+        (2, 8, 64, 5, 24, 1536 // 4, False, False, False, torch.float16),
+        ("2*", 8, 0, 1, 24, 100, False, False, False, torch.float16),
+        ("2*", 16, 32, 4, 24, 96, True, False, False, torch.bfloat16),
+        ("1*", 4, 0, 2, 16, 64, False, False, False, torch.float16),
+        (1, 16, 0, 1, 16, 40, False, False, False, torch.float32),
+        (1, 8, 32, 6, 18, 130, False, True, False, torch.float16),
+        (3, 8, 32, 1, 30, 100, False, False, False, torch.float16),  # 3-bit codes straddle words
+        (3, 4, 0, 20, 17, 99, True, False, False, torch.float32),
+        (5, 6, 0, 3, 21, 75, False, False, False, torch.float16),
+        (5, 16, 64, 33, 19, 128, False, False, False, torch.float16),
+        (6, 5, 32, 2, 16, 96, True, True, False, torch.float16),
+        (6, 16, 0, 1, 16, 64, False, False, False, torch.bfloat16),
+        (7, 7, 32, 16, 24, 96, False, False, False, torch.float16),
+        (7, 8, 0, 1, 20, 70, False, False, False, torch.bfloat16),
+        (8, 8, 0, 1, 40, 100, True, False, False, torch.float16),  # both offsets: w - 128 and u - 128
+        (8, 8, 64, 40, 33, 150, False, False, False, torch.float16),
+        (8, 8, 32, 3, 16, 64, False, True, False, torch.float32),
+        (8, 16, 0, 9, 16, 64, True, False, False, torch.float16),
+        (8, 4, 0, 2, 16, 64, False, False, False, torch.float16),
+        (4, 8, 0, 4, 16, 80, True, False, True, torch.float16),  # static per-tensor activation scale
+        (2, 8, 32, 1, 16, 64, False, False, True, torch.float16),
+        (4, 2, 0, 3, 16, 64, False, False, False, torch.float16),
+        (4, 3, 32, 3, 16, 64, False, True, False, torch.float16),
+    ]
+
+    @pytest.mark.parametrize("case", CASES, ids=lambda c: "W{}A{}g{}-M{}N{}K{}{}{}{}-{}".format(
+        *c[:6], "-bias" if c[6] else "", "-sym" if c[7] else "", "-static" if c[8] else "", str(c[9])[6:]))
+    def test_qlinear_matches_reference(case):
+        w, a, gs, m, n, k, bias, sym, static, dtype = case
+        layer = make_layer(w, a, gs, n, k, bias=bias, sym_act=sym, static=static, seed=m * n + k)
+        x = random_x(m, k, dtype, seed=m + n * k)
+        ref = linear_reference(layer, x.double())
+        check_close(run_layer(layer, x), ref, dtype)
+
+    # Explicit tile configs: M = 1 with and without tl.dot, split-K with atomics, BK < group size (flush
+    # every second tile), a per-channel flush every 64 columns, prefill-sized tiles.
+    CONFIGS = [
+        ("W4A8 M1 dot", 4, 8, 0, 1, TL.Config(bm=16, bn=16, bk=32, split_k=3, use_dot=True)),
+        ("W4A16 M1 gemv", 4, 16, 64, 1, TL.Config(bm=1, bn=16, bk=32, split_k=2, use_dot=False)),
+        ("W3A8 M5 bk<gs", 3, 8, 128, 5, TL.Config(bm=16, bn=32, bk=64, split_k=2)),
+        ("W8A8 M2 flush", 8, 8, 0, 2, TL.Config(bm=16, bn=16, bk=32, split_k=1, flush_cols=64)),
+        ("W5A16 M2 flush", 5, 16, 0, 2, TL.Config(bm=16, bn=16, bk=32, split_k=2, flush_cols=64)),
+        ("W2A4 M40 gemm", 2, 4, 32, 40, TL.Config(bm=32, bn=32, bk=32, group_m=2)),
+        ("W6A8 M70 gemm", 6, 8, 0, 70, TL.Config(bm=64, bn=16, bk=64, group_m=1)),
+    ]
+
+    @pytest.mark.parametrize("name,w,a,gs,m,cfg", CONFIGS, ids=[c[0] for c in CONFIGS])
+    def test_qlinear_configs(name, w, a, gs, m, cfg):
+        n, k = 37, 320
+        layer = make_layer(w, a, gs, n, k, bias=True, seed=7)
+        x = random_x(m, k, torch.float16, seed=m)
+        check_close(run_layer(layer, x, cfg), linear_reference(layer, x.double()), torch.float16)
+
+    @pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 7, 8])
+    @pytest.mark.parametrize("symmetric", [False, True])
+    def test_act_quant_codes_are_exact(bits, symmetric):
+        dtype = [torch.float16, torch.bfloat16, torch.float32][bits % 3]
+        x = random_x(7, 300, dtype, seed=bits)
+        x[1] = x[1].abs() + 0.1  # all positive: min clamps to 0
+        x[2] = -x[2].abs() - 0.1  # all negative
+        spec = ActSpec(bits, symmetric=symmetric)
+        s_ref, z_ref = P.act_qparams(x, spec)
+        u_ref = P.quantize_act(x, spec, s_ref, z_ref)
+        out = (torch.full((7, 300), 77, dtype=torch.int8), torch.full((7,), float("nan")),
+               torch.full((7,), -12345, dtype=torch.int32))
+        xq, sx, ax = TL.act_quant(x, bits, symmetric, out=out)
+        assert torch.equal(sx, s_ref.squeeze(-1))
+        assert torch.equal(xq.float() + ax.float().unsqueeze(-1), u_ref - z_ref)
+        if TL.act_center_exact(bits, symmetric):
+            assert (ax == 0).all()
+
+    def test_act_quant_rounds_half_to_even():
+        # max - min = 127.5 at 8 bits gives the scale 0.5 exactly: x / s hits .5 ties.
+        x = torch.tensor([[0.0, 127.5, 0.25, 0.75, 1.25, 1.75, 100.25, 3.0]])
+        xq, sx, ax = TL.act_quant(x, 8, False)
+        assert sx.item() == 0.5
+        u = (xq.int() + ax.unsqueeze(-1)).tolist()[0]  # u - z, and z = 0 here
+        assert u == [0, 255, 0, 2, 2, 4, 200, 6] and torch.equal(
+            xq.float() + ax.float(), P.quantize_act(x, ActSpec(8), sx.view(1, 1), torch.zeros(1, 1)))
+
+    def test_static_act_quant_matches_reference():
+        layer = make_layer(4, 8, 0, 16, 64, static=True)
+        x = random_x(5, 64, torch.float32, seed=3) * 3  # values beyond the calibrated range clamp
+        xq, sx, ax = TL.act_quant(x, 8, False, layer.act_scale, layer.act_zero)
+        u = P.quantize_act(x, layer.spec.act, layer.act_scale, layer.act_zero)
+        assert torch.equal(xq.float() + ax.float().unsqueeze(-1), u - layer.act_zero)
+
+    def test_auto_picks_triton_and_layer_forward_matches(caplog):
+        layer = make_layer(3, 8, 32, 24, 96, bias=True, seed=11)
+        assert registry.select("linear", "auto", layer, torch.device("cpu")).name == "triton"
+        x = random_x(6, 96, torch.float16, seed=5).reshape(2, 3, 96)
+        y = layer(x)
+        assert y.shape == (2, 3, 24)
+        check_close(y.reshape(6, 24), linear_reference(layer, x.reshape(6, 96).double()), torch.float16)
+
+    def test_unsupported_group_size_falls_back():
+        layer = make_layer(4, 8, 48, 16, 96)
+        assert not TL.supports(layer, torch.device("cpu"))
+        assert registry.select("linear", "auto", layer, torch.device("cpu")).name != "triton"
+
+    def test_custom_op_fake_and_compile():
+        layer = make_layer(4, 8, 32, 16, 64, bias=True, seed=2)
+        args = TL.layer_args(layer)
+        x = random_x(3, 64, torch.float16, seed=9)
+        op = torch.ops.abqllm.triton_qlinear.default
+        torch.library.opcheck(op, (x,), {k: v for k, v in args.items()},
+                              test_utils=("test_schema", "test_faketensor"))
+        fn = torch.compile(lambda t: custom_ops.triton_qlinear(t, **args), backend="aot_eager", fullgraph=True)
+        check_close(fn(x), linear_reference(layer, x.double()), torch.float16)

@@ -1,0 +1,136 @@
+"""GPTQ: per-layer output error no worse than RTN's; what calibrate decides is exactly what QuantLinear stores."""
+import dataclasses
+
+import pytest
+import torch
+
+import abqllm
+from abqllm.methods import get_method
+from abqllm.methods.gptq import GPTQ, gptq_quantize
+from abqllm.nn import QuantLinear
+from abqllm.quant import primitives as P
+from abqllm.spec import QuantSpec, WeightSpec, parse_scheme
+from tests.methods import block_context, linear_inputs, logits_error, same_state, state
+from tests.tiny import make_tiny_llama
+
+
+@pytest.fixture(scope="module")
+def layer_inputs():
+    model, tok = make_tiny_llama()
+    ids = torch.randint(0, len(tok), (8, 32), generator=torch.Generator().manual_seed(0))
+    ctx = block_context(model, parse_scheme("W4A16"), ids)
+    xs = linear_inputs(ctx, ctx.x_q)
+    return {n: (lin.weight.detach().clone(), xs[n]) for n, lin in ctx.linears.items()}
+
+
+def _rtn(w, spec):
+    scale, zero = P.weight_qparams(w, spec)
+    return P.dequantize_weight(P.quantize_weight(w, spec, scale, zero), scale, zero, spec.group_size)
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+@pytest.mark.parametrize("group_size", [0, 32, 48])  # 48: K = 160 (down_proj) is not a multiple
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_error_not_above_rtn(layer_inputs, bits, group_size, act_order):
+    spec = WeightSpec(bits, group_size=group_size)
+    for name, (w, x) in layer_inputs.items():
+        h = 2 * x.T @ x / x.shape[0]
+        codes, scale, zero = gptq_quantize(w, h, spec, act_order=act_order)
+        assert codes.shape == w.shape and scale.shape == (w.shape[0], P.num_groups(w.shape[1], group_size))
+        assert codes.max() <= spec.qmax
+        wq = P.dequantize_weight(codes, scale, zero, group_size)
+        err_gptq = (x @ (w - wq).T).norm()
+        err_rtn = (x @ (w - _rtn(w, spec)).T).norm()
+        assert err_gptq <= err_rtn, (name, err_gptq.item(), err_rtn.item())
+
+
+def test_static_groups_without_act_order_and_balanced(layer_inputs):
+    w, x = layer_inputs["mlp.down_proj"]
+    h = 2 * x.T @ x / x.shape[0]
+    specs = (WeightSpec(3, group_size=64), WeightSpec(2, balanced=True, group_size=64), WeightSpec(4, symmetric=True))
+    for spec in specs:
+        codes, scale, zero = gptq_quantize(w, h, spec, static_groups=True)
+        wq = P.dequantize_weight(codes, scale, zero, spec.group_size)
+        assert (x @ (w - wq).T).norm() <= (x @ (w - _rtn(w, spec)).T).norm()
+        # static groups: the qparams are RTN's, computed up front from the unquantized weight
+        torch.testing.assert_close((scale, zero), P.weight_qparams(w, spec), rtol=0, atol=0)
+
+
+def test_dead_input_channel(layer_inputs):
+    w, x = layer_inputs["self_attn.q_proj"]
+    x = x.clone()
+    x[:, 5] = 0
+    codes, scale, zero = gptq_quantize(w, 2 * x.T @ x / x.shape[0], WeightSpec(4))
+    wq = P.dequantize_weight(codes, scale, zero, 0)
+    assert torch.isfinite(wq).all() and (wq[:, 5] == 0).all()
+
+
+@pytest.mark.parametrize("scheme,options", [
+    ("W3A16", {}),
+    ("W4A16g32", {"act_order": True}),
+    ("W3A8g48", {"sequential": False}),
+    ("W2*A16g32", {"act_order": True, "block_size": 32}),
+])
+def test_stored_exactly_what_calibrate_decided(scheme, options):
+    model, tok = make_tiny_llama()
+    ids = torch.randint(0, len(tok), (4, 32), generator=torch.Generator().manual_seed(0))
+    spec = parse_scheme(scheme)
+    ctx = block_context(model, spec, ids)
+    method = GPTQ(**options)
+    before = state(ctx.block)
+    result = method.calibrate(ctx)
+    assert same_state(ctx.block, before)  # calibrate leaves the block alone
+    layers = method.apply(ctx, result)
+    assert set(layers) == set(ctx.linears)
+    for name, q in layers.items():
+        assert isinstance(q, QuantLinear)
+        assert torch.equal(q.codes(), result[f"{name}.codes"])
+        assert torch.equal(q.scales.float(), result[f"{name}.scale"])
+        assert torch.equal(q.zeros.float(), result[f"{name}.zero"])
+        expect = P.dequantize_weight(result[f"{name}.codes"], result[f"{name}.scale"], result[f"{name}.zero"],
+                                     spec.weight.group_size)
+        assert torch.equal(q.dequantized_weight(), expect)
+
+
+def test_sequential_sees_quantized_earlier_linears():
+    """o_proj's Hessian differs between sequential and all-at-once; q/k/v's do not."""
+    model, tok = make_tiny_llama()
+    ids = torch.randint(0, len(tok), (4, 32), generator=torch.Generator().manual_seed(0))
+    ctx = block_context(model, parse_scheme("W3A16"), ids)
+    seq, flat = GPTQ(sequential=True).calibrate(ctx), GPTQ(sequential=False).calibrate(ctx)
+    assert torch.equal(seq["self_attn.q_proj.codes"], flat["self_attn.q_proj.codes"])
+    assert not torch.equal(seq["mlp.down_proj.codes"], flat["mlp.down_proj.codes"])
+
+
+def test_end_to_end_better_than_rtn_and_reapplies(tmp_path):
+    fp, tok = make_tiny_llama()
+    ids = torch.randint(0, len(tok), (8, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = fp(ids).logits
+    errors = {}
+    for method in ("rtn", "gptq"):
+        model, _ = make_tiny_llama()
+        abqllm.quantize(model, "W3A16", method=method, calib_ids=ids, progress=False,
+                        artifacts=tmp_path / method)
+        errors[method] = logits_error(model, ref, ids)
+    assert errors["gptq"] < errors["rtn"]
+    again, _ = make_tiny_llama()  # re-apply the stored calibration: same model
+    abqllm.quantize(again, "W3A16", method="gptq", calib_ids=ids, progress=False, artifacts=tmp_path / "gptq")
+    assert logits_error(again, ref, ids) == errors["gptq"]
+
+
+def test_static_activations_get_ranges():
+    model, tok = make_tiny_llama()
+    ids = torch.randint(0, len(tok), (4, 32))
+    spec = QuantSpec(WeightSpec(4), abqllm.ActSpec(8, dynamic=False))
+    abqllm.quantize(model, spec, method="gptq", calib_ids=ids, progress=False)
+    assert model.model.layers[1].mlp.down_proj.act_scale.item() != 1.0
+
+
+def test_options_and_settings():
+    m = get_method("gptq", act_order=True, percdamp=0.05)
+    assert m.settings() == {"percdamp": 0.05, "block_size": 128, "act_order": True, "static_groups": False,
+                            "sequential": True}
+    assert dataclasses.replace(m, block_size=64).block_size == 64
+    with pytest.raises(abqllm.AbqError, match="bad option"):
+        get_method("gptq", groupsize=3)

@@ -20,8 +20,12 @@ shift + b > 32 (b = 3, 5, 6, 7). Integer path (q <= 8, int8 operands, int32 accu
 over each segment of columns that shares one weight scale (a group, or a slice of K for per-channel
 scales), then acc += s_w * segment in float32, and y = s_x * acc + bias at the end. Float path (A16):
 x (fp16/bf16/fp32) times the integer-valued (w - z_w) in x's dtype (exact), fp32 accumulation, s_w per
-segment. The same kernel serves decode (BM = 16 with tl.dot, or BM = 1 on CUDA cores, split-K with fp32
-atomics) and prefill (large BM/BN tiles, grouped program order for L2 reuse, SPLIT_K = 1).
+segment. Segments: each group (outer loop over groups, static inner loop over its BK tiles, so the integer
+segment accumulator lives only inside one group), or the whole split for per-channel scales (then there is
+no float accumulator at all; the launcher caps the split length so the int32 sums cannot overflow).
+The same kernel serves decode (BM = 16 with tl.dot, or BM = 1 on CUDA cores via _tile_gemv, split-K with
+fp32 atomics) and prefill (large BM/BN tiles, grouped program order for L2 reuse, SPLIT_K = 1).
+Register pressure was checked without a GPU by compiling for sm_90 (aot_compile) and reading ptxas -v.
 """
 
 from __future__ import annotations
@@ -67,22 +71,144 @@ def act_quant_kernel(x_ptr, xq_ptr, sx_ptr, ax_ptr, s_static_ptr, z_static_ptr, 
     for k0 in range(0, K, BLOCK):
         kmask = k0 + cols < K
         v = tl.math.div_rn(tl.load(x_row + k0 + cols, mask=kmask, other=0.0).to(tl.float32), s)
-        f = tl.floor(v)
-        d = v - f
-        odd = (f - 2.0 * tl.floor(f * 0.5)) != 0.0
-        u = tl.minimum(tl.maximum(f + tl.where((d > 0.5) | ((d == 0.5) & odd), 1.0, 0.0) + z, 0.0), QMAX * 1.0)
+        fv = tl.floor(v)  # (names differ from the scalars above: Triton types loop variables strictly)
+        dv = v - fv
+        odd_v = (fv - 2.0 * tl.floor(fv * 0.5)) != 0.0
+        u = tl.minimum(tl.maximum(fv + tl.where((dv > 0.5) | ((dv == 0.5) & odd_v), 1.0, 0.0) + z, 0.0), QMAX * 1.0)
         tl.store(q_row + k0 + cols, (u - c).to(tl.int32).to(tl.int8), mask=kmask)
     tl.store(sx_ptr + row, s)
     tl.store(ax_ptr + row, (c - z).to(tl.int32))
 
 
 @triton.jit
+def _tile_dot(x_ptr, stride_xm, rm, m_ok, w_row, n_ok, k0, K, KW, zw,
+              BITS: tl.constexpr, INT_PATH: tl.constexpr, W_EXACT: tl.constexpr, A_OFFSET: tl.constexpr,
+              DOT_F32: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, WORDS_P: tl.constexpr):
+    """One [BN, BK] weight tile times the [BM, BK] activation tile on the tensor cores -> (part [BN, BM],
+    sum of x' [BM], sum of w' [BN]) for the columns k0 .. k0 + BK (padding and columns >= K contribute 0)."""
+    rk = k0 + tl.arange(0, BK)
+    k_ok = rk < K
+    x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0)
+    # The tile's BK*BITS/32 words of each row are contiguous (k0 is a multiple of 32): one vector load,
+    # then expanded in registers.
+    wcol = (k0 // 32) * BITS + tl.arange(0, WORDS_P)
+    w_mask = n_ok[:, None] & ((wcol < KW) & (tl.arange(0, WORDS_P) < BK // 32 * BITS))[None, :]
+    words = tl.load(w_row + wcol[None, :], mask=w_mask, other=0).to(tl.uint32, bitcast=True)
+    # Each code gathers the word holding its first bit (and, for odd widths, the next word: a code may
+    # straddle two). Gathering beat broadcast-shift + reshape for power-of-two widths too in ptxas's
+    # register/spill report (the reshape spreads a word's codes across lanes).
+    rel = tl.arange(0, BK) * BITS
+    idx = tl.broadcast_to((rel >> 5)[None, :], (BN, BK))
+    sh = (rel & 31).to(tl.uint32)[None, :]
+    code = tl.gather(words, idx, axis=1) >> sh
+    if (32 % BITS) != 0:
+        w1 = tl.gather(words, tl.minimum(idx + 1, WORDS_P - 1), axis=1)
+        code = code | tl.where((sh + BITS) > 32, w1 << (32 - sh), 0)
+    code = (code & ((1 << BITS) - 1)).to(tl.int32)
+    if INT_PATH:
+        if W_EXACT:
+            wv = code - zw[:, None]
+        else:
+            wv = code - (1 << (BITS - 1))
+        part = tl.dot(wv.to(tl.int8), tl.trans(x), out_dtype=tl.int32)
+        if A_OFFSET:
+            pw = tl.sum(tl.where(k_ok[None, :], wv, 0), axis=1)  # padded columns must not enter sum(w')
+        else:
+            pw = tl.zeros((BN,), tl.int32)
+        if W_EXACT:
+            px = tl.zeros((BM,), tl.int32)
+        else:
+            px = tl.sum(x.to(tl.int32), axis=1)
+    else:
+        wv = code - zw[:, None]  # integer-valued, exact in fp16/bf16
+        if DOT_F32:
+            part = tl.dot(wv.to(tl.float32), tl.trans(x.to(tl.float32)), input_precision="ieee")
+        else:
+            part = tl.dot(wv.to(x.dtype), tl.trans(x))
+        px = tl.zeros((BM,), tl.int32)
+        pw = tl.zeros((BN,), tl.int32)
+    return part, px, pw
+
+
+@triton.jit
+def _tile_gemv(x_row, w_row, n_ok, k0, K, KW, zw,
+               BITS: tl.constexpr, INT_PATH: tl.constexpr, W_EXACT: tl.constexpr, A_OFFSET: tl.constexpr,
+               BN: tl.constexpr, BK: tl.constexpr):
+    """M = 1 on CUDA cores, one 32-code run at a time: a run is exactly BITS words and code j of it starts at
+    bit j*BITS, so with the BITS words of every run in registers ([BN, runs] each) all shifts are constants.
+    Everything stays in one [BN, runs] layout (no reshape, no gather). Returns like _tile_dot, BM = 1."""
+    R: tl.constexpr = BK // 32
+    run = k0 // 32 + tl.arange(0, R)
+    w_runs = w_row + (run * BITS)[None, :]
+    w_ok = n_ok[:, None] & (run * BITS < KW)[None, :]
+    x_run = x_row + run * 32
+    if INT_PATH:
+        acc = tl.zeros((BN, R), tl.int32)
+        if W_EXACT:
+            center = zw[:, None]
+        else:
+            center = tl.full((BN, 1), 1 << (BITS - 1), tl.int32)
+    else:
+        acc = tl.zeros((BN, R), tl.float32)
+        center = zw[:, None]
+    wsum = tl.zeros((BN, R), tl.int32)
+    xsum = tl.zeros((1, R), tl.int32)
+    cur = tl.load(w_runs, mask=w_ok, other=0).to(tl.uint32, bitcast=True)
+    nxt = cur  # (defined for BITS = 1 too: the compiler resolves names even in statically dead branches)
+    for i in tl.static_range(BITS):
+        if i + 1 < BITS:
+            nxt = tl.load(w_runs + (i + 1), mask=w_ok, other=0).to(tl.uint32, bitcast=True)
+        for j in tl.static_range((32 * i + BITS - 1) // BITS, (32 * (i + 1) + BITS - 1) // BITS):
+            sh = j * BITS - 32 * i  # first bit of code j inside word i (a compile-time constant)
+            c = cur >> sh
+            if sh + BITS > 32:
+                c = c | (nxt << (32 - sh))
+            wv = (c & ((1 << BITS) - 1)).to(tl.int32) - center
+            col_ok = (run * 32 + j < K)[None, :]
+            xj = tl.load(x_run + j, mask=run * 32 + j < K, other=0)[None, :]
+            if INT_PATH:
+                acc += wv * xj.to(tl.int32)
+                if A_OFFSET:
+                    wsum += tl.where(col_ok, wv, 0)
+                if not W_EXACT:
+                    xsum += xj.to(tl.int32)
+            else:
+                acc += wv.to(tl.float32) * xj.to(tl.float32)
+        if i + 1 < BITS:
+            cur = nxt
+    part = tl.sum(acc, axis=1)[:, None]
+    return part, tl.sum(xsum, axis=1), tl.sum(wsum, axis=1)
+
+
+@triton.jit
+def _corrected(part, px, pw, zw, a, kc, BITS: tl.constexpr, W_EXACT: tl.constexpr, A_OFFSET: tl.constexpr):
+    """Integer segment -> sum over it of (x - z_x)(w - z_w) as float32 (ABQ.md section 5)."""
+    tot = part
+    if not W_EXACT:
+        bw = (1 << (BITS - 1)) - zw
+        tot += bw[:, None] * px[None, :]
+    if A_OFFSET:
+        tot += pw[:, None] * a[None, :]
+        if not W_EXACT:
+            tot += kc * (bw[:, None] * a[None, :])
+    return tot.to(tl.float32)
+
+
+# Sizes are not specialized (one compile serves every shape). Instead, when K % 16 == 0, KW % 4 == 0 and
+# stride_xm % 16 == 0 (rows start 16-byte aligned, masks constant over 16-byte vectors) the launcher passes
+# ALIGNED and K / 16, KW / 4, stride_xm / 16; multiplying them back here lets Triton see the divisibility
+# (tl.multiple_of has no effect on scalar arguments) and vectorize the loads.
+@triton.jit(do_not_specialize=["M", "N", "K", "KW", "G", "stride_xm", "stride_ym", "K_PER_SPLIT"])
 def qlinear_kernel(x_ptr, sx_ptr, ax_ptr, qw_ptr, sw_ptr, zw_ptr, bias_ptr, y_ptr,
                    M, N, K, KW, G, stride_xm, stride_ym, K_PER_SPLIT,
                    BITS: tl.constexpr, GS: tl.constexpr, INT_PATH: tl.constexpr, W_EXACT: tl.constexpr,
-                   A_OFFSET: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, USE_DOT: tl.constexpr,
+                   A_OFFSET: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, USE_DOT: tl.constexpr,
                    DOT_F32: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                   GROUP_M: tl.constexpr, FLUSH_COLS: tl.constexpr, WORDS_P: tl.constexpr):
+                   GROUP_M: tl.constexpr, WORDS_P: tl.constexpr, ALIGNED: tl.constexpr):
+    if ALIGNED:
+        K = K * 16
+        KW = KW * 4
+        stride_xm = stride_xm * 16
     # ---- which tile: grouped ordering (GROUP_M row blocks share the weight columns they stream)
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -101,91 +227,63 @@ def qlinear_kernel(x_ptr, sx_ptr, ax_ptr, qw_ptr, sw_ptr, zw_ptr, bias_ptr, y_pt
     n_ok = rn < N
     k_lo = pid_k * K_PER_SPLIT
     k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
-
-    acc = tl.zeros((BN, BM), tl.float32)
-    if INT_PATH:
-        seg = tl.zeros((BN, BM), tl.int32)
-    else:
-        seg = tl.zeros((BN, BM), tl.float32)
-    sx_seg = tl.zeros((BM,), tl.int32)  # sum of x' over the segment (needed when bw != 0)
-    sw_seg = tl.zeros((BN,), tl.int32)  # sum of w' over the segment (needed when a != 0)
-    seg_lo = k_lo
     w_row = qw_ptr + rn[:, None] * KW
-    for k0 in range(k_lo, k_hi, BK):
-        rk = k0 + tl.arange(0, BK)
-        k_ok = rk < K
-        x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0)
-        if GS > 0:
-            g = k0 // GS
-        else:
-            g = 0
-        # ---- unpack weight codes [BN, BK]: the tile's BK*BITS/32 words of each row are contiguous (k0 is a
-        # multiple of BK, itself a multiple of 32), loaded once, then expanded in registers.
-        wcol = (k0 // 32) * BITS + tl.arange(0, WORDS_P)
-        w_mask = n_ok[:, None] & ((wcol < KW) & (tl.arange(0, WORDS_P) < BK // 32 * BITS))[None, :]
-        words = tl.load(w_row + wcol[None, :], mask=w_mask, other=0).to(tl.uint32, bitcast=True)
-        if (32 % BITS) == 0:  # 32/BITS whole codes per word, code j of a word at bits [j*BITS, ...)
-            shifts = (tl.arange(0, 32 // BITS) * BITS).to(tl.uint32)
-            code = tl.reshape(words[:, :, None] >> shifts[None, None, :], (BN, BK))
-        else:  # odd widths: gather the word holding each code's first bit and the next one (straddling codes)
-            rel = tl.arange(0, BK) * BITS
-            idx = tl.broadcast_to((rel >> 5)[None, :], (BN, BK))
-            sh = (rel & 31).to(tl.uint32)[None, :]
-            spill = (sh + BITS) > 32
-            w0 = tl.gather(words, idx, axis=1)
-            w1 = tl.gather(words, tl.minimum(idx + 1, WORDS_P - 1), axis=1)
-            code = (w0 >> sh) | tl.where(spill, w1 << (32 - sh), 0)
-        code = (code & ((1 << BITS) - 1)).to(tl.int32)
-        zw = tl.load(zw_ptr + rn * G + g, mask=n_ok, other=0).to(tl.int32)
+    x_row = x_ptr + pid_m * stride_xm  # the token row when BM == 1 (CUDA-core path)
+    if A_OFFSET:
+        a = tl.load(ax_ptr + rm, mask=m_ok, other=0)
+    else:
+        a = tl.zeros((BM,), tl.int32)
+
+    if GS == 0:
+        # Per-channel: one segment per split (the launcher keeps it short enough for exact int32 sums).
+        zw = tl.load(zw_ptr + rn, mask=n_ok, other=0).to(tl.int32)
         if INT_PATH:
-            if W_EXACT:
-                wv = code - zw[:, None]
-            else:
-                wv = code - (1 << (BITS - 1))
-            if A_OFFSET:
-                wv = tl.where(k_ok[None, :], wv, 0)  # padded columns must not enter sum(w')
-                sw_seg += tl.sum(wv, axis=1)
+            seg = tl.zeros((BN, BM), tl.int32)
+        else:
+            seg = tl.zeros((BN, BM), tl.float32)
+        px = tl.zeros((BM,), tl.int32)
+        pw = tl.zeros((BN,), tl.int32)
+        for k0 in range(k_lo, k_hi, BK):
             if USE_DOT:
-                seg += tl.dot(wv.to(tl.int8), tl.trans(x))
+                p, x_s, w_s = _tile_dot(x_ptr, stride_xm, rm, m_ok, w_row, n_ok, k0, K, KW, zw, BITS, INT_PATH,
+                                        W_EXACT, A_OFFSET, DOT_F32, BM, BN, BK, WORDS_P)
             else:
-                seg += tl.sum(wv * x.to(tl.int32), axis=1)[:, None]
-            if not W_EXACT:
-                sx_seg += tl.sum(x.to(tl.int32), axis=1)
+                p, x_s, w_s = _tile_gemv(x_row, w_row, n_ok, k0, K, KW, zw, BITS, INT_PATH, W_EXACT, A_OFFSET, BN, BK)
+            seg += p
+            px += x_s
+            pw += w_s
+        sw = tl.load(sw_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
+        if INT_PATH:
+            acc = _corrected(seg, px, pw, zw, a, k_hi - k_lo, BITS, W_EXACT, A_OFFSET) * sw[:, None]
         else:
-            wv = code - zw[:, None]
-            if DOT_F32:
-                seg += tl.dot(wv.to(tl.float32), tl.trans(x.to(tl.float32)), input_precision="ieee")
-            elif USE_DOT:
-                seg += tl.dot(wv.to(x.dtype), tl.trans(x))
+            acc = seg * sw[:, None]
+    else:
+        # Groups: the launcher makes BK divide GS and splits start on group boundaries.
+        acc = tl.zeros((BN, BM), tl.float32)
+        for g0 in range(k_lo, k_hi, GS):
+            g = g0 // GS
+            zw = tl.load(zw_ptr + rn * G + g, mask=n_ok, other=0).to(tl.int32)
+            if INT_PATH:
+                seg = tl.zeros((BN, BM), tl.int32)
             else:
-                seg += tl.sum(wv.to(tl.float32) * x.to(tl.float32), axis=1)[:, None]
-        # ---- end of a segment that shares one weight scale: apply it
-        end = k0 + BK
-        if GS > 0:
-            flush = ((end % GS) == 0) | (end >= k_hi)
-        else:
-            flush = ((end - seg_lo) >= FLUSH_COLS) | (end >= k_hi)
-        if flush:
+                seg = tl.zeros((BN, BM), tl.float32)
+            px = tl.zeros((BM,), tl.int32)
+            pw = tl.zeros((BN,), tl.int32)
+            for t in tl.static_range(GS // BK):
+                if USE_DOT:
+                    p, x_s, w_s = _tile_dot(x_ptr, stride_xm, rm, m_ok, w_row, n_ok, g0 + t * BK, K, KW, zw, BITS,
+                                            INT_PATH, W_EXACT, A_OFFSET, DOT_F32, BM, BN, BK, WORDS_P)
+                else:
+                    p, x_s, w_s = _tile_gemv(x_row, w_row, n_ok, g0 + t * BK, K, KW, zw, BITS, INT_PATH, W_EXACT,
+                                             A_OFFSET, BN, BK)
+                seg += p
+                px += x_s
+                pw += w_s
             sw = tl.load(sw_ptr + rn * G + g, mask=n_ok, other=0.0).to(tl.float32)
             if INT_PATH:
-                tot = seg
-                if not W_EXACT:
-                    bw = (1 << (BITS - 1)) - zw
-                    tot += bw[:, None] * sx_seg[None, :]
-                if A_OFFSET:
-                    a = tl.load(ax_ptr + rm, mask=m_ok, other=0)
-                    tot += sw_seg[:, None] * a[None, :]
-                    if not W_EXACT:
-                        kc = tl.minimum(end, K) - seg_lo
-                        tot += kc * (bw[:, None] * a[None, :])
-                acc += tot.to(tl.float32) * sw[:, None]
-                seg = tl.zeros((BN, BM), tl.int32)
-                sx_seg = tl.zeros((BM,), tl.int32)
-                sw_seg = tl.zeros((BN,), tl.int32)
+                acc += _corrected(seg, px, pw, zw, a, tl.minimum(g0 + GS, K) - g0, BITS, W_EXACT, A_OFFSET) * sw[:, None]
             else:
                 acc += seg * sw[:, None]
-                seg = tl.zeros((BN, BM), tl.float32)
-            seg_lo = end
 
     # ---- epilogue: token scale, bias, store (or accumulate the split-K partial)
     if INT_PATH:
@@ -196,7 +294,7 @@ def qlinear_kernel(x_ptr, sx_ptr, ax_ptr, qw_ptr, sw_ptr, zw_ptr, bias_ptr, y_pt
         acc += bias[:, None]
     y_ptrs = y_ptr + rm[None, :] * stride_ym + rn[:, None]
     y_mask = n_ok[:, None] & m_ok[None, :]
-    if SPLIT_K > 1:
+    if ATOMIC:  # split-K: partial sums meet in a zeroed float32 buffer
         tl.atomic_add(y_ptrs, acc, mask=y_mask)
     else:
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=y_mask)

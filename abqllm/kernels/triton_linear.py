@@ -26,10 +26,12 @@ import torch
 from abqllm.formats.packing import WORD
 from abqllm.kernels.registry import register
 
-# Per-channel integer segments are flushed to float at least every FLUSH_COLS columns so that the
-# int32 segment sums cannot overflow: |terms| <= 4 * 128 * 128 * FLUSH_COLS < 2^31.
+# Per-channel integer segments (one per split) are at most FLUSH_COLS columns long so that the int32 sums
+# cannot overflow: |each of the four terms| <= 128 * 128 * FLUSH_COLS, their sum < 2^31.
 FLUSH_COLS = 16384
 INT8_MAX_BITS = 8
+# Decode grids: split K until about this many programs per SM (a memory-bound GEMV needs many bytes in flight).
+DECODE_PROGRAMS_PER_SM = 8
 
 
 @dataclass(frozen=True)
@@ -43,7 +45,6 @@ class Config:
     num_warps: int = 4
     num_stages: int = 2
     group_m: int = 8
-    flush_cols: int = FLUSH_COLS  # per-channel: longest run of columns summed in int32 before a flush
 
 
 def interpreting() -> bool:
@@ -65,11 +66,8 @@ def shape_supported(storage_bits: int, act_bits: int, group_size: int) -> bool:
 
 
 def supports(layer, device: torch.device) -> bool:
-    if not have_triton():
-        return False
-    if device.type == "cuda":
-        pass
-    elif device.type != "cpu" or not interpreting():
+    on_device = device.type == "cuda" or (device.type == "cpu" and interpreting())
+    if not on_device or not have_triton():
         return False
     spec = layer.spec
     return shape_supported(spec.weight.storage_bits, spec.act.bits, spec.weight.group_size)
@@ -110,14 +108,37 @@ def act_quant(x: torch.Tensor, bits: int, symmetric: bool, act_scale: torch.Tens
         s_static, z_static = act_scale.float().reshape(1), act_zero.float().reshape(1)
     else:
         s_static = z_static = sx  # unused
-    block = min(4096, max(32, triton_next_pow2(k))) if not interpreting() else min(256, max(32, triton_next_pow2(k)))
-    from abqllm.quant.primitives import MIN_ACT_SCALE
-    _kernels().act_quant_kernel[(m,)](
-        x, xq, sx, ax, s_static, z_static, k, x.stride(0),
-        QMAX=2 ** bits - 1, HALF=2 ** (bits - 1), SYMMETRIC=symmetric, STATIC=static,
-        CENTER_EXACT=act_center_exact(bits, symmetric), MIN_SCALE=MIN_ACT_SCALE, BLOCK=block,
-        num_warps=4 if block <= 1024 else 8)
+    const = act_quant_constexprs(k, bits, symmetric, static, interpreting())
+    _kernels().act_quant_kernel[(m,)](x, xq, sx, ax, s_static, z_static, k, x.stride(0), **const,
+                                      num_warps=4 if const["BLOCK"] <= 1024 else 8)
     return xq, sx, ax
+
+
+def act_quant_constexprs(k: int, bits: int, symmetric: bool, static: bool, interpret: bool) -> dict:
+    from abqllm.quant.primitives import MIN_ACT_SCALE
+    block = min(256 if interpret else 4096, max(32, triton_next_pow2(k)))
+    return dict(QMAX=2 ** bits - 1, HALF=2 ** (bits - 1), SYMMETRIC=symmetric, STATIC=static,
+                CENTER_EXACT=act_center_exact(bits, symmetric), MIN_SCALE=MIN_ACT_SCALE, BLOCK=block)
+
+
+def aot_compile_act_quant(k: int, bits: int, symmetric: bool = False, static: bool = False,
+                          x_dtype: torch.dtype = torch.float16, arch: int = 90):
+    """Compile act_quant_kernel for sm_<arch> without a GPU (see aot_compile)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    const = act_quant_constexprs(k, bits, symmetric, static, False)
+    fn = _kernels().act_quant_kernel
+    ptr = dict(x_ptr=f"*{_TRITON_TYPE[x_dtype]}", xq_ptr="*i8", sx_ptr="*fp32", ax_ptr="*i32", s_static_ptr="*fp32",
+               z_static_ptr="*fp32")
+    sig = {**ptr, "K": "i32", "stride_xm": "i32", **{c: "constexpr" for c in const}}
+    names = fn.arg_names
+    attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in ptr}
+    attrs.update({(names.index(a),): [["tt.divisibility", 16]] for a in ("K", "stride_xm") if k % 16 == 0})
+    src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(c),): v for c, v in const.items()}, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                          options=dict(num_warps=4 if const["BLOCK"] <= 1024 else 8))
 
 
 def triton_next_pow2(n: int) -> int:
@@ -142,17 +163,18 @@ def _bk_for(group_size: int, preferred: int) -> int:
 
 
 def default_config(m: int, n: int, k: int, group_size: int, int_path: bool, device: torch.device) -> Config:
-    """Heuristic tiles. Decode (M <= 16): split-K so that about two programs run per SM; M = 1 on CUDA
+    """Heuristic tiles. Decode (M <= 16): split-K so that about 8 programs run per SM; M = 1 on CUDA
     cores (gemlite-style GEMV), M = 2..16 with tl.dot at BM = 16. Prefill: large tiles, SPLIT_K = 1.
     These are untuned guesses (no GPU has run them yet); benchmarks/gpu_suite.py times alternatives."""
     if device.type != "cuda":  # interpreter: small tiles keep the CPU tests fast and cover split-K
-        bk = _bk_for(group_size, 32)
+        # (the CUDA-core path costs the interpreter the same per tile whatever BK is: give it wide tiles)
+        bk = _bk_for(group_size, 256 if m == 1 else 32)
         cfg = Config(bm=1 if m == 1 else 16 if m <= 16 else 32, bn=32, bk=bk, use_dot=m > 1)
         return _with_split(cfg, m, n, k, group_size, target_programs=4) if m <= 16 else cfg
     if m > 16:
         return _gpu_prefill_config(m, group_size, int_path)
     return _with_split(_gpu_decode_config(m, group_size), m, n, k, group_size,
-                       target_programs=2 * _num_sms(device.index or 0))
+                       target_programs=DECODE_PROGRAMS_PER_SM * _num_sms(device.index or 0))
 
 
 def _gpu_decode_config(m: int, group_size: int) -> Config:
@@ -162,8 +184,8 @@ def _gpu_decode_config(m: int, group_size: int) -> Config:
 
 
 def _gpu_prefill_config(m: int, group_size: int, int_path: bool) -> Config:
-    bm = 64 if m <= 64 else 128
-    return Config(bm=bm, bn=128, bk=_bk_for(group_size, 128 if int_path else 64), num_warps=8, num_stages=3)
+    # BM = 128 spilled registers in ptxas's report for 4-bit weights (BM = 64 did not); untimed.
+    return Config(bm=64, bn=128, bk=_bk_for(group_size, 128 if int_path else 64), num_warps=8, num_stages=3)
 
 
 def _with_split(cfg: Config, m: int, n: int, k: int, group_size: int, target_programs: int) -> Config:
@@ -174,11 +196,14 @@ def _with_split(cfg: Config, m: int, n: int, k: int, group_size: int, target_pro
     return replace(cfg, split_k=split)
 
 
-def split_plan(k: int, group_size: int, cfg: Config) -> tuple[int, int]:
-    """(split_k, K_PER_SPLIT): splits start on group boundaries and none is empty."""
+def split_plan(k: int, group_size: int, cfg: Config, int_path: bool = True) -> tuple[int, int]:
+    """(split_k, K_PER_SPLIT): splits start on group boundaries, none is empty, and per-channel integer
+    splits are at most FLUSH_COLS columns long."""
     unit = group_size if group_size else cfg.bk
     units = -(-k // unit)
     split = max(1, min(cfg.split_k, units))
+    if int_path and group_size == 0:
+        split = max(split, -(-k // (FLUSH_COLS // cfg.bk * cfg.bk)))
     per = -(-units // split) * unit
     return -(-k // per), per
 
@@ -204,7 +229,7 @@ def qlinear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros:
     m = x2.shape[0]
     int_path = act_bits != 16
     cfg = config or default_config(m, n, k, group_size, int_path, x.device)
-    split, k_per_split = split_plan(k, group_size, cfg)
+    split, k_per_split = split_plan(k, group_size, cfg, int_path)
     out_dtype = x.dtype
     if out is not None and (out.dtype != out_dtype or not out.is_contiguous() or out.numel() != m * n):
         raise ValueError("out must be a contiguous tensor of x's dtype with [..., N] elements")
@@ -221,11 +246,17 @@ def qlinear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros:
     else:
         a_in, sx, ax = x2, scales, scales  # sx/ax unused on the float path
     grid = (-(-m // cfg.bm) * -(-n // cfg.bn), split)
+    kw, sxm = qweight.shape[1], a_in.stride(0)
+    aligned = k % 16 == 0 and kw % 4 == 0 and sxm % 16 == 0
+    if aligned:  # see qlinear_kernel: passed divided, multiplied back inside
+        k_arg, kw_arg, sxm_arg = k // 16, kw // 4, sxm // 16
+    else:
+        k_arg, kw_arg, sxm_arg = k, kw, sxm
     _kernels().qlinear_kernel[grid](
         a_in, sx, ax, qweight, scales, zeros, bias if bias is not None else scales, y,
-        m, n, k, qweight.shape[1], scales.shape[1], a_in.stride(0), y.stride(0), k_per_split,
+        m, n, k_arg, kw_arg, scales.shape[1], sxm_arg, y.stride(0), k_per_split,
         **qlinear_constexprs(storage_bits, group_size, act_bits, act_symmetric, bias is not None, x.dtype, split, cfg,
-                             interpreting()),
+                             interpreting(), aligned=aligned),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if split > 1:
         y = out.view(m, n).copy_(y) if out is not None else y.to(out_dtype)
@@ -233,7 +264,7 @@ def qlinear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros:
 
 
 def qlinear_constexprs(storage_bits: int, group_size: int, act_bits: int, act_symmetric: bool, has_bias: bool,
-                       x_dtype: torch.dtype, split: int, cfg: Config, interpret: bool) -> dict:
+                       x_dtype: torch.dtype, split: int, cfg: Config, interpret: bool, aligned: bool) -> dict:
     """The compile-time parameters of qlinear_kernel for one launch (shared by the launcher and aot_compile)."""
     int_path = act_bits != 16
     # Float path: tensor-core dot in fp16/bf16; other dtypes (fp32, fp64) as an fp32 "ieee" dot. Triton's
@@ -241,8 +272,8 @@ def qlinear_constexprs(storage_bits: int, group_size: int, act_bits: int, act_sy
     dot_f32 = not int_path and (x_dtype not in (torch.float16, torch.bfloat16) or (interpret and x_dtype == torch.bfloat16))
     return dict(BITS=storage_bits, GS=group_size, INT_PATH=int_path, W_EXACT=storage_bits <= 7,
                 A_OFFSET=int_path and not act_center_exact(act_bits, act_symmetric), HAS_BIAS=has_bias,
-                SPLIT_K=split, USE_DOT=cfg.use_dot, DOT_F32=dot_f32, BM=cfg.bm, BN=cfg.bn, BK=cfg.bk,
-                GROUP_M=cfg.group_m, FLUSH_COLS=cfg.flush_cols, WORDS_P=triton_next_pow2(cfg.bk // 32 * storage_bits))
+                ATOMIC=split > 1, USE_DOT=cfg.use_dot, DOT_F32=dot_f32, BM=cfg.bm, BN=cfg.bn, BK=cfg.bk,
+                GROUP_M=cfg.group_m, WORDS_P=triton_next_pow2(cfg.bk // 32 * storage_bits), ALIGNED=aligned)
 
 
 _TRITON_TYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
@@ -262,9 +293,12 @@ def aot_compile(m: int, n: int, k: int, storage_bits: int, group_size: int, act_
     cfg = config
     if cfg is None:  # what default_config picks on an H100 (132 SMs)
         cfg = (_gpu_prefill_config(m, group_size, int_path) if m > 16 else
-               _with_split(_gpu_decode_config(m, group_size), m, n, k, group_size, target_programs=2 * 132))
-    split, _ = split_plan(k, group_size, cfg)
-    const = qlinear_constexprs(storage_bits, group_size, act_bits, act_symmetric, has_bias, x_dtype, split, cfg, False)
+               _with_split(_gpu_decode_config(m, group_size), m, n, k, group_size,
+                           target_programs=DECODE_PROGRAMS_PER_SM * 132))
+    split, k_per_split = split_plan(k, group_size, cfg, int_path)
+    kw = -(-k // 32) * storage_bits
+    const = qlinear_constexprs(storage_bits, group_size, act_bits, act_symmetric, has_bias, x_dtype, split, cfg, False,
+                               aligned=kw % 4 == 0 and k % 16 == 0)
     xt = _TRITON_TYPE[x_dtype]
     ptr = dict(x_ptr="*i8" if int_path else f"*{xt}", sx_ptr="*fp32" if int_path else "*fp16",
                ax_ptr="*i32" if int_path else "*fp16", qw_ptr="*i32", sw_ptr="*fp16", zw_ptr="*u8",
@@ -273,11 +307,8 @@ def aot_compile(m: int, n: int, k: int, storage_bits: int, group_size: int, act_
     sig = {**ptr, **{a: "i32" for a in ("M", "N", "K", "KW", "G", "stride_xm", "stride_ym", "K_PER_SPLIT")},
            **{c: "constexpr" for c in const}}
     names = fn.arg_names
-    # What Triton's launcher specializes at run time: 16-byte aligned pointers, ints divisible by 16.
-    ints = dict(M=m, N=n, K=k, KW=-(-k // 32) * storage_bits, G=1 if group_size == 0 else -(-k // group_size),
-                stride_xm=k, stride_ym=n, K_PER_SPLIT=split_plan(k, group_size, cfg)[1])
+    # What Triton's launcher specializes at run time: 16-byte aligned pointers (sizes are not specialized).
     attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in ptr}
-    attrs.update({(names.index(a),): [["tt.divisibility", 16]] for a, v in ints.items() if v % 16 == 0})
     src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(c),): v for c, v in const.items()}, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32),
                           options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))

@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 # name -> (options, (calibration windows, tokens per window)). Costs are in the README; "cpu"
 # finishes the default model in minutes on 2 cores, "paper" is the ABQ-LLM recipe (20 or 40 epochs).
 PRESETS = {
-    "cpu": (dict(epochs=2, lr_smooth=1e-2, lr_clip=2e-2), (32, 256)),
+    "cpu": (dict(epochs=2, batch_size=1, lr_smooth=1e-2, lr_clip=1e-2), (16, 256)),
     "paper": (dict(epochs=20, lr_smooth=5e-3, lr_clip=1e-2), (128, 2048)),
     "paper-long": (dict(epochs=40, lr_smooth=5e-3, lr_clip=1e-2), (128, 2048)),
 }
@@ -53,6 +53,7 @@ class ABQ:
     use_mse: bool = True
     use_cos: bool = True
     use_attn: bool = True
+    clip_init: str = "grid"      # "grid": best shrink ratio per group; "paper": sigmoid(4) everywhere
     rotate: bool = False         # rotate the residual stream first (QuaRot-style), see rotation.py
     presets: ClassVar[dict] = PRESETS
 
@@ -90,16 +91,13 @@ class ABQ:
             {"params": [v for k, v in params.items() if not k.startswith("smooth.")], "lr": self.lr_clip},
         ], weight_decay=0.0)
         n = ctx.x_q.shape[0]
+        a_fp_all = self._float_attention(ctx) if self.use_attn else None
         t0 = time.perf_counter()
         first = last = None
         for epoch in range(self.epochs):
             for idx in torch.randperm(n).split(self.batch_size):
-                xq, xf = ctx.x_q[idx].to(ctx.device), ctx.x_fp[idx].to(ctx.device)
-                a_fp = None
-                if self.use_attn:
-                    with torch.no_grad(), _capture_attention(ctx) as maps:
-                        functional_call(block, {}, (xf,), ctx.kwargs)
-                    a_fp = maps[0] if maps else None
+                xq = ctx.x_q[idx].to(ctx.device)
+                a_fp = a_fp_all[idx].to(ctx.device).float() if a_fp_all is not None else None
                 with _capture_attention(ctx) if self.use_attn else contextlib.nullcontext([]) as maps:
                     y = self._forward_q(ctx, weights, params, groups, xq)
                 loss, terms = M.abq_loss(y, t1[idx].to(ctx.device), t2[idx].to(ctx.device),
@@ -112,27 +110,45 @@ class ABQ:
         log.info("block %d: %s -> %s in %.1f s", ctx.index, _fmt(first), _fmt(last), time.perf_counter() - t0)
         return {k: v.detach().clone() for k, v in params.items()}
 
+    @torch.no_grad()
+    def _float_attention(self, ctx: BlockContext) -> torch.Tensor | None:
+        """Head-averaged attention maps of the float block on the float stream, once (kept in fp16)."""
+        maps_all = []
+        for i in range(0, ctx.x_fp.shape[0], ctx.batch_size):
+            with _capture_attention(ctx) as maps:
+                ctx.block(ctx.x_fp[i:i + ctx.batch_size].to(ctx.device), **ctx.kwargs)
+            if not maps:
+                return None  # attention implementation returns no probabilities (not eager)
+            maps_all.append(maps[0].half().cpu())
+        return torch.cat(maps_all)
+
     def _init_params(self, ctx: BlockContext, weights, groups) -> dict[str, torch.Tensor]:
         params: dict[str, torch.Tensor] = {}
+        stats, sq = _input_stats(ctx, list(dict.fromkeys([*ctx.linears, *(g.linears[0] for _, g in groups)])))
         if self.smooth:
-            stats = _input_absmax(ctx, [g.linears[0] for _, g in groups])
             dims = attention_dims(ctx.block.get_submodule(ctx.arch.attn).config)
             for i, g in groups:
-                x_max = stats[g.linears[0]]
+                x_max = stats[g.linears[0]].clone()
                 w_max = torch.cat([weights[f"{l}.weight"] for l in g.linears]).abs().amax(0)
                 prev_out = weights[f"{g.prev}.weight"].shape[0]
                 if x_max.numel() != prev_out:  # o_proj input per query head -> per kv head channel
                     heads, kv, hd = dims
                     x_max = x_max.reshape(kv, heads // kv, hd).amax(1).reshape(-1)
                     w_max = w_max.reshape(kv, heads // kv, hd).amax(1).reshape(-1)
-                params[M.group_key(i)] = M.smooth_init(x_max, w_max, self.alpha).requires_grad_()
+                # Weight-only: smoothing moves activation difficulty into the weights, which is the
+                # wrong way; start from the identity and let the loss decide.
+                init = M.smooth_init(x_max, w_max, self.alpha) if not ctx.spec.act.is_float else \
+                    torch.zeros_like(x_max)
+                params[M.group_key(i)] = init.requires_grad_()
         spec = ctx.spec.weight
+        new = self._transformed(ctx, weights, {k: v.detach() for k, v in params.items()}, groups)
         for name in ctx.linears:
-            w = weights[f"{name}.weight"]
-            g = P.num_groups(w.shape[1], spec.group_size)
+            w = new.get(f"{name}.weight", weights[f"{name}.weight"])
+            col = sq[name] if not self.smooth or ctx.spec.act.is_float else None  # transformed inputs differ
+            init = M.clip_grid_init(w, spec, col) if self.clip_init == "grid" else \
+                torch.full((w.shape[0], P.num_groups(w.shape[1], spec.group_size)), M.CLIP_INIT, device=w.device)
             for side in ("lo", "hi"):
-                params[f"clip.{name}.{side}"] = torch.full((w.shape[0], g), M.CLIP_INIT, device=w.device,
-                                                           requires_grad=self.lwc)
+                params[f"clip.{name}.{side}"] = init.clone().requires_grad_(self.lwc)
         down = ctx.arch.mlp_down
         use_comp = self.compensation and (ctx.index < self.comp_first or ctx.index >= ctx.num_blocks - self.comp_last)
         if use_comp and down in ctx.linears:
@@ -187,20 +203,25 @@ def _groups(ctx: BlockContext):
 
 
 @torch.no_grad()
-def _input_absmax(ctx: BlockContext, names: list[str]) -> dict[str, torch.Tensor]:
-    stats: dict[str, torch.Tensor] = {}
+def _input_stats(ctx: BlockContext, names: list[str]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Per-channel max |x| and mean x^2 of each named linear's input on the float stream."""
+    amax: dict[str, torch.Tensor] = {}
+    sq: dict[str, torch.Tensor] = {}
     handles = []
     for name in names:
         def hook(_m, args, name=name):
-            a = args[0].detach().abs().reshape(-1, args[0].shape[-1]).amax(0)
-            stats[name] = torch.maximum(stats[name], a) if name in stats else a
+            a = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+            m, s = a.abs().amax(0), a.pow(2).sum(0)
+            amax[name] = torch.maximum(amax[name], m) if name in amax else m
+            sq[name] = sq[name] + s if name in sq else s
         handles.append(ctx.block.get_submodule(name).register_forward_pre_hook(hook))
     try:
         ctx.run(ctx.block, ctx.x_fp)
     finally:
         for h in handles:
             h.remove()
-    return stats
+    tokens = ctx.x_fp.shape[0] * ctx.x_fp.shape[1]
+    return amax, {k: v / tokens for k, v in sq.items()}
 
 
 @contextlib.contextmanager

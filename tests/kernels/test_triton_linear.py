@@ -42,6 +42,33 @@ if not INTERPRETED:
                               cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
         assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
 
+    # The interpreter accepts code that the compiler rejects (it rewrites assignments and has no constexpr
+    # typing), so a few launches are also compiled for sm_90 here, without a GPU (Triton ships ptxas).
+    AOT_CASES = [
+        dict(m=1, n=4096, k=4096, storage_bits=3, group_size=128, act_bits=8),  # CUDA-core GEMV, straddling codes
+        dict(m=1, n=4096, k=4096, storage_bits=1, group_size=0, act_bits=16),  # GEMV with one word per run
+        dict(m=16, n=4096, k=11008, storage_bits=3, group_size=128, act_bits=16, x_dtype=torch.bfloat16),
+        dict(m=2048, n=4096, k=4096, storage_bits=8, group_size=0, act_bits=8, has_bias=True),  # both offsets
+    ]
+
+    @pytest.mark.parametrize("case", AOT_CASES, ids=lambda c: f"M{c['m']}-W{c['storage_bits']}A{c['act_bits']}")
+    def test_compiles_for_sm90(case):
+        if importlib.util.find_spec("triton") is None:
+            pytest.skip("triton is not installed")
+        from abqllm.kernels import triton_linear as TL
+
+        ptx = TL.aot_compile(**case, arch=90).asm["ptx"]
+        assert ("wgmma.mma_async" in ptx) == (case["m"] > 1)  # tensor cores except on the M = 1 CUDA-core path
+        assert "div.full" not in ptx
+
+    def test_act_quant_compiles_for_sm90():
+        if importlib.util.find_spec("triton") is None:
+            pytest.skip("triton is not installed")
+        from abqllm.kernels import triton_linear as TL
+
+        ptx = TL.aot_compile_act_quant(4096, 8, symmetric=False, arch=90).asm["ptx"]
+        assert "div.rn.f32" in ptx and "div.full" not in ptx  # IEEE division: codes equal the reference's
+
 else:
     from abqllm.kernels import custom_ops, registry
     from abqllm.kernels import triton_linear as TL
@@ -124,23 +151,34 @@ else:
         ref = linear_reference(layer, x.double())
         check_close(run_layer(layer, x), ref, dtype)
 
-    # Explicit tile configs: M = 1 with and without tl.dot, split-K with atomics, BK < group size (flush
-    # every second tile), a per-channel flush every 64 columns, prefill-sized tiles.
+    # Explicit tile configs: M = 1 with and without tl.dot, split-K with atomics, BK < group size (two tiles
+    # per group), prefill-sized tiles, CUDA-core rows for M > 1.
     CONFIGS = [
         ("W4A8 M1 dot", 4, 8, 0, 1, TL.Config(bm=16, bn=16, bk=32, split_k=3, use_dot=True)),
-        ("W4A16 M1 gemv", 4, 16, 64, 1, TL.Config(bm=1, bn=16, bk=32, split_k=2, use_dot=False)),
+        ("W4A16 M1 gemv", 4, 16, 64, 1, TL.Config(bm=1, bn=16, bk=64, split_k=2, use_dot=False)),
+        ("W3A8 M1 gemv", 3, 8, 0, 1, TL.Config(bm=1, bn=32, bk=128, split_k=2, use_dot=False)),
+        ("W7A8 M1 gemv", 7, 8, 64, 1, TL.Config(bm=1, bn=16, bk=64, split_k=1, use_dot=False)),
+        ("W8A8 M2 gemv rows", 8, 8, 0, 2, TL.Config(bm=1, bn=32, bk=128, split_k=1, use_dot=False)),
         ("W3A8 M5 bk<gs", 3, 8, 128, 5, TL.Config(bm=16, bn=32, bk=64, split_k=2)),
-        ("W8A8 M2 flush", 8, 8, 0, 2, TL.Config(bm=16, bn=16, bk=32, split_k=1, flush_cols=64)),
-        ("W5A16 M2 flush", 5, 16, 0, 2, TL.Config(bm=16, bn=16, bk=32, split_k=2, flush_cols=64)),
+        ("W5A16 M2 bk<gs", 5, 16, 128, 2, TL.Config(bm=16, bn=16, bk=32, split_k=2)),
         ("W2A4 M40 gemm", 2, 4, 32, 40, TL.Config(bm=32, bn=32, bk=32, group_m=2)),
         ("W6A8 M70 gemm", 6, 8, 0, 70, TL.Config(bm=64, bn=16, bk=64, group_m=1)),
     ]
 
     @pytest.mark.parametrize("name,w,a,gs,m,cfg", CONFIGS, ids=[c[0] for c in CONFIGS])
     def test_qlinear_configs(name, w, a, gs, m, cfg):
-        n, k = 37, 320
+        n, k = (37, 320) if cfg.use_dot else (20, 200)  # the interpreter is slow on the unrolled CUDA-core path
         layer = make_layer(w, a, gs, n, k, bias=True, seed=7)
         x = random_x(m, k, torch.float16, seed=m)
+        check_close(run_layer(layer, x, cfg), linear_reference(layer, x.double()), torch.float16)
+
+    @pytest.mark.parametrize("w,a", [(8, 8), (4, 16)])
+    def test_per_channel_splits_stay_short(monkeypatch, w, a):
+        monkeypatch.setattr(TL, "FLUSH_COLS", 64)  # int32 segments of at most 64 columns: 5 splits at K = 320
+        cfg = TL.Config(bm=16, bn=16, bk=32, split_k=1)
+        assert TL.split_plan(320, 0, cfg, int_path=a != 16)[0] == (5 if a != 16 else 1)
+        layer = make_layer(w, a, 0, 20, 320, bias=True, seed=3)
+        x = random_x(2, 320, torch.float16, seed=1)
         check_close(run_layer(layer, x, cfg), linear_reference(layer, x.double()), torch.float16)
 
     @pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 7, 8])

@@ -89,7 +89,7 @@ def _arch(device: torch.device) -> str:
 @functools.cache
 def _library(arch: str) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(build(arch)))
-    p, i, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_float  # noqa: F841
+    p, i = ctypes.c_void_p, ctypes.c_int
     lib.abq_act_quant_pack.argtypes = [p, i, i, i, i, i, i, p, p, i, i, p, p, p, p, p]
     lib.abq_repack_bitplanes.argtypes = [p, i, i, i, i, i, p, p, p]
     lib.abq_bmma_linear.argtypes = [p, p, p, p, i, i, p, p, p, p, p, p, i, i, i, i, i, i, i, p]

@@ -1,0 +1,780 @@
+"""The GPU suite: check every kernel against the reference, time kernels and baselines, run end-to-end decode.
+
+One run (benchmarks/gpu_suite.sh wraps it) on one GPU, sections in this order, each written to
+$OUT/results.json as soon as it finishes so that a run cut short keeps what it measured:
+  env         device, versions, date
+  warmup      compiles every Triton kernel variant the timings need, in parallel worker processes that fill
+              Triton's disk cache (sizes are not specialized, so one compile serves every shape)
+  ceilings    memory bandwidth (device copy, bytes read + written) and tensor-core peaks (fp16/bf16
+              matmul, torch._int_mm) measured in the same run: the rooflines every figure is set against
+  sass        which MMA instructions the CUDA binary kernel really contains (cuobjdump)
+  correctness every Triton WpAq x A and the CUDA bit-plane kernel vs the float64 reference on fresh random
+              inputs, outputs poisoned with NaN first
+  kernels     median times (CUDA events around CUDA-graph replays of 20 calls, rotating among weight copies
+              that together exceed the L2 cache) for M x (N, K) x every WpAq x {A16, A8, A4}, the baselines
+              (torch fp16/bf16 matmul, torch._int_mm, GemLite if installed) and the CUDA bit-plane path (M <= 64)
+  e2e         Llama-2-7B-shaped decode with random weights: batch 1 and 16, prompt 128, 256 new tokens,
+              each decode step one CUDA-graph replay; tokens/s and peak memory per variant
+and $OUT/results.md with the tables (fraction of the roofline for each result) and the issue's targets.
+
+  python benchmarks/gpu_suite.py --out DIR [--quick] [--skip e2e,...] [--layers 32]
+  python benchmarks/gpu_suite.py --cpu --out DIR    # no GPU: tiny shapes through Triton's interpreter
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SECTIONS = ("env", "warmup", "ceilings", "sass", "correctness", "kernels", "e2e")
+WEIGHTS = [("W1", 1, False), ("W2", 2, False), ("W2*", 2, True), ("W3", 3, False), ("W4", 4, False),
+           ("W5", 5, False), ("W6", 6, False), ("W7", 7, False), ("W8", 8, False)]
+ACTS = [16, 8, 4]
+# In priority order (the targets first), in case the time budget cuts the kernel section short.
+SHAPES = [(8192, 8192), (4096, 4096), (11008, 4096), (4096, 11008)]
+MS = [1, 2048, 16, 256, 4, 64]
+# Alternative tiles timed on the target shape (8192 x 8192) next to the defaults, to choose the defaults.
+SWEEP_SCHEMES = ["W4A16", "W2A8", "W8A8"]
+SWEEP = {1: [dict(bm=1, bn=64, bk=128, use_dot=False, num_warps=4, num_stages=2),
+             dict(bm=1, bn=64, bk=128, use_dot=False, num_warps=4, num_stages=2, per_sm=2),
+             dict(bm=1, bn=128, bk=256, use_dot=False, num_warps=4, num_stages=2),
+             dict(bm=1, bn=32, bk=256, use_dot=False, num_warps=2, num_stages=2),
+             dict(bm=1, bn=128, bk=128, use_dot=False, num_warps=8, num_stages=3),
+             dict(bm=16, bn=64, bk=128, num_warps=4, num_stages=3)],
+         16: [dict(bm=16, bn=64, bk=128, num_warps=4, num_stages=3),
+              dict(bm=16, bn=64, bk=128, num_warps=4, num_stages=3, per_sm=2),
+              dict(bm=16, bn=128, bk=128, num_warps=8, num_stages=3),
+              dict(bm=16, bn=32, bk=128, num_warps=4, num_stages=4),
+              dict(bm=16, bn=64, bk=64, num_warps=4, num_stages=4)],
+         2048: [dict(bm=64, bn=128, bk=128, num_warps=8, num_stages=3),
+                dict(bm=128, bn=128, bk=64, num_warps=8, num_stages=3),
+                dict(bm=64, bn=256, bk=64, num_warps=8, num_stages=3),
+                dict(bm=128, bn=128, bk=128, num_warps=8, num_stages=4)]}
+E2E_VARIANTS = ["fp16", "W8A8", "W4A16", "W4A8", "W3A8", "W2A8", "W2*A8"]
+LLAMA_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]  # q/k/v/o, gate/up, down
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=os.environ.get("OUT", str(ROOT / "out" / "gpu_suite")))
+    ap.add_argument("--cpu", action="store_true", help="no GPU: tiny shapes, Triton interpreter, no graphs")
+    ap.add_argument("--quick", action="store_true", help="fewer widths, shapes and batch sizes (a smoke run)")
+    ap.add_argument("--skip", default="", help=f"comma-separated sections to skip: {','.join(SECTIONS)}")
+    ap.add_argument("--group-size", type=int, default=128, help="weight group size for timings (0 = per-channel)")
+    ap.add_argument("--layers", type=int, default=32, help="decoder layers in the end-to-end model (7B: 32)")
+    ap.add_argument("--new-tokens", type=int, default=256)
+    ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--calls", type=int, default=20, help="kernel calls captured per CUDA graph")
+    ap.add_argument("--replays", type=int, default=7, help="timed graph replays (median taken)")
+    ap.add_argument("--kernel-budget-s", type=float, default=250.0,
+                    help="kernel timings start no new shape after this many seconds since the start")
+    ap.add_argument("--budget-s", type=float, default=390.0,
+                    help="nothing new starts after this many seconds (keep it under the caller's timeout)")
+    args = ap.parse_args(argv)
+    args.skip = {s for s in args.skip.split(",") if s}
+    unknown = args.skip - set(SECTIONS)
+    if unknown:
+        ap.error(f"unknown sections to skip: {sorted(unknown)}")
+    return args
+
+
+ARGS = parse_args() if __name__ == "__main__" else None
+if ARGS is not None and ARGS.cpu:
+    os.environ["TRITON_INTERPRET"] = "1"  # before triton is first imported
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+sys.path.insert(0, str(ROOT))
+from abqllm.kernels import cuda as CU  # noqa: E402
+from abqllm.kernels import triton_linear as TL  # noqa: E402
+from abqllm.kernels.reference import linear_reference  # noqa: E402
+from abqllm.spec import ActSpec, LayerSpec, WeightSpec, parse_scheme  # noqa: E402
+from benchmarks.gpu import llama, peers  # noqa: E402
+
+T0 = time.time()
+
+
+# ---- bookkeeping --------------------------------------------------------------------------------
+
+class Results:
+    def __init__(self, out: Path):
+        self.out = out
+        self.data: dict = {}
+        out.mkdir(parents=True, exist_ok=True)
+
+    def put(self, section: str, value) -> None:
+        self.data[section] = value
+        self.save()
+
+    def save(self) -> None:
+        (self.out / "results.json").write_text(json.dumps(self.data, indent=1, default=str))
+
+
+def log(msg: str) -> None:
+    print(f"[{time.time() - T0:7.1f}s] {msg}", flush=True)
+
+
+def over_budget(args, budget: float | None = None) -> bool:
+    return time.time() - T0 > (args.budget_s if budget is None else budget)
+
+
+# ---- timing -------------------------------------------------------------------------------------
+
+def time_fn(fns: list, args, cuda: bool) -> dict:
+    """Median seconds per call. fns: closures over different buffers (rotated so the weights are not L2-hot).
+    On the GPU: `calls` calls captured in one CUDA graph, replayed `replays` times between CUDA events; if the
+    capture fails (a peer kernel that is not graph-safe), the same loop runs eagerly and says so."""
+    if not cuda:
+        for f in fns:
+            f()
+        ts = []
+        for _ in range(3):
+            t = time.perf_counter()
+            f = fns[len(ts) % len(fns)]
+            f()
+            ts.append(time.perf_counter() - t)
+        return dict(s=sorted(ts)[len(ts) // 2], mode="cpu")
+    calls = args.calls
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for f in fns:  # warm-up: compiles, fills caches
+            f()
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    mode = "graph"
+    try:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for i in range(calls):
+                fns[i % len(fns)]()
+        run = graph.replay
+        run()
+    except Exception as e:  # noqa: BLE001  (report, then time eagerly)
+        mode = f"eager ({type(e).__name__})"
+        torch.cuda.synchronize()
+
+        def run():
+            for i in range(calls):
+                fns[i % len(fns)]()
+        run()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(args.replays):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        run()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / 1e3 / calls)
+    times.sort()
+    return dict(s=times[len(times) // 2], spread=(times[-1] - times[0]) / max(times[0], 1e-12), mode=mode)
+
+
+def copies_needed(bytes_one: int, cuda: bool) -> int:
+    if not cuda:
+        return 1
+    l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 50 << 20)
+    return max(1, min(16, math.ceil(3 * l2 / max(bytes_one, 1))))
+
+
+# ---- sections -----------------------------------------------------------------------------------
+
+def section_env(dev) -> dict:
+    import triton
+    env = dict(date=time.strftime("%Y-%m-%d %H:%M:%S %Z"), python=platform.python_version(), torch=torch.__version__,
+               triton=triton.__version__, cuda=torch.version.cuda, host=platform.node())
+    if dev.type == "cuda":
+        p = torch.cuda.get_device_properties(dev)
+        env.update(gpu=p.name, sms=p.multi_processor_count, memory_gib=round(p.total_memory / 2 ** 30, 1),
+                   l2_mib=round(getattr(p, "L2_cache_size", 0) / 2 ** 20, 1), capability=f"{p.major}.{p.minor}")
+        try:
+            env["nvidia_smi"] = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,clocks.max.sm,"
+                                                "clocks.max.mem,power.limit", "--format=csv,noheader"],
+                                               capture_output=True, text=True, timeout=20).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            pass
+    else:
+        env["gpu"] = "none (CPU, Triton interpreter)"
+    return env
+
+
+def kernel_plan(args, cuda: bool):
+    """(shapes, ms, weights, acts, gs) that the kernel section times."""
+    gs = args.group_size
+    if cuda:
+        shapes, ms, weights, acts = SHAPES, MS, WEIGHTS, ACTS
+        if args.quick:
+            shapes, ms = [(8192, 8192), (4096, 4096)], [1, 2048, 16]
+            weights = [w for w in WEIGHTS if w[0] in ("W2", "W2*", "W4", "W8")]
+    else:
+        shapes, ms, acts = [(32, 64)], [1, 3], [16, 8]
+        weights = [w for w in WEIGHTS if w[0] in ("W2*", "W4")]
+        gs = min(gs, 32) if gs else 0
+    return shapes, ms, weights, acts, gs
+
+
+def sweep_config(m: int, n: int, k: int, gs: int, cfg: dict, dev) -> "TL.Config":
+    cfg = dict(cfg)
+    per_sm = cfg.pop("per_sm", TL.DECODE_PROGRAMS_PER_SM)
+    c = TL.Config(**{**cfg, "bk": TL._bk_for(gs, cfg["bk"])})
+    return TL._with_split(c, m, n, k, gs, per_sm * TL._num_sms(dev.index or 0)) if m <= 16 else c
+
+
+def sweep_plan(args) -> list[tuple]:
+    """(m, n, k, scheme, config dict) of the tile sweep."""
+    if args.quick:
+        return []
+    return [(m, 8192, 8192, scheme, cfg) for m, cfgs in SWEEP.items() for scheme in SWEEP_SCHEMES for cfg in cfgs]
+
+
+def _compile_key(m, n, k, sbits, gs, a, dev, dtype=torch.float16, sym=False, cfg=None) -> tuple:
+    cfg = cfg or TL.default_config(m, n, k, gs, a != 16, dev)
+    split, _ = TL.split_plan(k, gs, cfg, a != 16)
+    kw = -(-k // 32) * sbits
+    const = TL.qlinear_constexprs(sbits, gs, a, sym, False, dtype, split, cfg, False,
+                                  aligned=k % 16 == 0 and kw % 4 == 0)
+    return (tuple(sorted(const.items())), cfg.num_warps, cfg.num_stages, a, sym, str(dtype))
+
+
+def _warm_worker(items: list) -> list:
+    """Run each launch once (in a fresh process): compiles it into Triton's disk cache."""
+    dev = torch.device("cuda")
+    errors = []
+    for (m, n, k, wname, bits, balanced, a, gs, dtype, cfg) in items:
+        try:
+            spec = LayerSpec(WeightSpec(bits, balanced=balanced, group_size=gs), ActSpec(a, symmetric=(m == 5)))
+            layer = llama.random_quant_linear(k, n, spec, dev)
+            TL.qlinear(torch.randn(m, k, device=dev, dtype=dtype), **TL.layer_args(layer), config=cfg)
+        except Exception as e:  # noqa: BLE001
+            errors.append(f"{wname}A{a} M={m} N={n} K={k}: {type(e).__name__}: {e}"[-300:])
+    torch.cuda.synchronize()
+    return errors
+
+
+def section_warmup(dev, args) -> dict:
+    if dev.type != "cuda":
+        return dict(skipped="cpu")
+    import multiprocessing as mp
+    shapes, ms, weights, acts, gs = kernel_plan(args, True)
+    e2e_ms = [1, 16, args.prompt, 16 * args.prompt]  # decode steps and prefills of the end-to-end runs
+    items, seen = [], set()
+    wanted = [(m, n, k, w, b, bal, a, gs, torch.float16) for (n, k) in shapes for m in ms
+              for w, b, bal in weights for a in acts]
+    wanted += [(m, n, k, w, b, bal, a, gs, torch.float16) for (n, k) in LLAMA_SHAPES for m in e2e_ms
+               for w, b, bal in WEIGHTS if w in ("W8", "W4", "W3", "W2", "W2*") for a in (16, 8)]
+    wanted += correctness_plan(args, True)
+    wanted = [(*w, None) for w in wanted]
+    for (m, n, k, scheme, cfg) in sweep_plan(args):
+        qs = parse_scheme(scheme)
+        wanted.append((m, n, k, scheme, qs.weight.bits, qs.weight.balanced, qs.act.bits, gs, torch.float16,
+                       sweep_config(m, n, k, gs, cfg, dev)))
+    for (m, n, k, w, bits, balanced, a, g, dt, cfg) in wanted:
+        key = _compile_key(m, n, k, bits + 1 if balanced else bits, g, a, dev, dt, sym=(m == 5), cfg=cfg)
+        if key not in seen:
+            seen.add(key)
+            items.append((m, n, k, w, bits, balanced, a, g, dt, cfg))
+    workers = max(1, min(12, (os.cpu_count() or 4) - 2, len(items)))
+    chunks = [items[i::workers] for i in range(workers)]
+    t = time.time()
+    with mp.get_context("spawn").Pool(workers) as pool:
+        errors = [e for errs in pool.map(_warm_worker, chunks) for e in errs]
+    log(f"warmup: {len(items)} distinct launches compiled by {workers} processes in {time.time() - t:.0f}s, "
+        f"{len(errors)} errors")
+    return dict(variants=len(items), workers=workers, seconds=round(time.time() - t, 1), errors=errors)
+
+
+def section_ceilings(dev, args) -> dict:
+    cuda = dev.type == "cuda"
+    n_copy = (1 << 30) if cuda else (1 << 22)
+    bufs = [torch.randn(n_copy // 2, device=dev, dtype=torch.float16) for _ in range(2)]
+    t = time_fn([lambda: bufs[1].copy_(bufs[0])], args, cuda)["s"]
+    out = dict(copy_bytes=2 * bufs[0].numel() * 2, bandwidth_Bps=2 * bufs[0].numel() * 2 / t)
+    bufs.clear()
+    n = 8192 if cuda else 256
+    for dt in (torch.float16, torch.bfloat16):
+        a = torch.randn(n, n, device=dev, dtype=dt)
+        b = torch.randn(n, n, device=dev, dtype=dt)
+        t = time_fn([lambda: a @ b], args, cuda)["s"]
+        out[f"{str(dt)[6:]}_flops"] = 2 * n ** 3 / t
+    if cuda:
+        a8 = torch.randint(-128, 127, (n, n), device=dev, dtype=torch.int8)
+        b8 = torch.randint(-128, 127, (n, n), device=dev, dtype=torch.int8)
+        t = time_fn([lambda: torch._int_mm(a8, b8.t())], args, cuda)["s"]
+        out["int8_ops"] = 2 * n ** 3 / t
+    else:
+        out["int8_ops"] = out["float16_flops"]
+    return out
+
+
+def section_sass(dev) -> dict:
+    if dev.type != "cuda" or CU.find_nvcc() is None:
+        return dict(skipped="no CUDA device or no nvcc")
+    arch = CU._arch(dev)
+    lib = CU.build(arch)
+    tool = Path(CU.find_nvcc()).with_name("cuobjdump")
+    try:
+        sass = subprocess.run([str(tool), "-sass", str(lib)], capture_output=True, text=True, timeout=120).stdout
+    except OSError as e:
+        return dict(library=str(lib), error=str(e))
+    ops = {}
+    for line in sass.splitlines():
+        parts = line.split("*/")
+        if len(parts) > 1 and parts[0].strip().startswith("/*"):
+            op = parts[1].strip().split(" ")[0].rstrip(";")
+            if any(k in op for k in ("MMA", "POPC")):
+                ops[op] = ops.get(op, 0) + 1
+    return dict(library=str(lib), arch=arch, mma_ops=ops)
+
+
+def _spec(wname: str, abits: int, gs: int) -> LayerSpec:
+    bits, balanced = int(wname[1]), wname.endswith("*")
+    return LayerSpec(WeightSpec(bits, balanced=balanced, group_size=gs), ActSpec(abits))
+
+
+def _check(y: torch.Tensor, ref: torch.Tensor, dtype) -> dict:
+    rtol, atol = {torch.float16: (2.0 ** -10, 1e-4), torch.bfloat16: (2.0 ** -7, 1e-3)}[dtype]
+    y = y.cpu().double()
+    finite = bool(torch.isfinite(y).all())
+    err = (y - ref).abs()
+    bound = rtol * ref.abs() + atol * ref.abs().max()
+    ratio = float((err / bound).max()) if finite else float("inf")
+    return dict(ok=finite and ratio <= 1.0, worst_ratio=round(ratio, 4),
+                rel_err=float((y - ref).norm() / ref.norm()) if finite else None)
+
+
+def correctness_plan(args, cuda: bool) -> list[tuple]:
+    """(m, n, k, wname, bits, balanced, a, gs, dtype) checks: every WpAq x A at the timed group size, shape
+    class and split (N = 256, K = 4096, M = 1 / 16 / 64), then odd shapes: K = 576 (SmolLM2; unaligned rows for
+    odd widths, a last group of 64 at g128) per group and per channel, bf16, symmetric activations."""
+    if not cuda:
+        return [(m, 24, 96, w, b, bal, a, 32, torch.float16) for w, b, bal in WEIGHTS if w in ("W2*", "W4", "W8")
+                for a in (16, 8) for m in (1, 3)]
+    gs = args.group_size
+    weights = WEIGHTS if not args.quick else [w for w in WEIGHTS if w[0] in ("W2*", "W4", "W8")]
+    plan = [(m, 256, 4096, w, b, bal, a, gs, torch.float16) for w, b, bal in weights for a in ACTS for m in (1, 16, 64)]
+    for w, b, bal in [x for x in WEIGHTS if x[0] in ("W2*", "W3", "W4", "W8")]:
+        for a in (16, 8):
+            for m, g, dt in ((1, 128, torch.float16), (33, 0, torch.float16), (5, 128, torch.bfloat16)):
+                plan.append((m, 200, 576, w, b, bal, a, g, dt))
+    return plan
+
+
+def section_correctness(dev, args) -> dict:
+    """Random packed layers against the float64 CPU reference (outputs poisoned with NaN first)."""
+    cuda = dev.type == "cuda"
+    rows = []
+    for (m, n, k, wname, bits, balanced, a, gs, dtype) in correctness_plan(args, cuda):
+        spec = LayerSpec(WeightSpec(bits, balanced=balanced, group_size=gs), ActSpec(a, symmetric=(m == 5)))
+        layer = llama.random_quant_linear(k, n, spec, "cpu", seed=m * 31 + a)
+        x = (torch.randn(m, k) * 2 + 0.3).to(dtype)
+        ref = linear_reference(layer, x.double())
+        lg = _to(layer, dev)
+        kernels = ["triton"] + (["cuda"] if a != 16 and cuda and CU.supports(lg, dev) else [])
+        for kern in kernels:
+            try:
+                if kern == "triton":
+                    out = torch.full((m, n), float("nan"), dtype=dtype, device=dev)
+                    y = TL.qlinear(x.to(dev), **TL.layer_args(lg), out=out)
+                else:
+                    y = CU.qlinear(x.to(dev), **TL.layer_args(lg))
+                res = _check(y, ref, dtype)
+            except Exception as e:  # noqa: BLE001  (record and go on)
+                res = dict(ok=False, error=f"{type(e).__name__}: {e}"[-300:])
+            rows.append(dict(kernel=kern, scheme=f"{wname}A{a}", m=m, n=n, k=k, gs=gs, dtype=str(dtype)[6:], **res))
+        CU._PLANES.clear()
+    bad = [r for r in rows if not r["ok"]]
+    log(f"correctness: {len(rows) - len(bad)}/{len(rows)} passed")
+    for r in bad[:20]:
+        log(f"  FAILED {r}")
+    return dict(passed=len(rows) - len(bad), total=len(rows), failures=bad, rows=rows)
+
+
+def _to(layer, dev):
+    import copy
+    return copy.deepcopy(layer).to(dev)
+
+
+def roofline(bytes_: float, ops: float, t: float, ceil: dict, int_path: bool) -> dict:
+    peak = ceil["int8_ops"] if int_path else ceil["float16_flops"]
+    t_mem, t_math = bytes_ / ceil["bandwidth_Bps"], ops / peak
+    bound = "memory" if t_mem >= t_math else "compute"
+    return dict(bound=bound, roofline_fraction=round(max(t_mem, t_math) / t, 4),
+                tflops=round(ops / t / 1e12, 3), gbps=round(bytes_ / t / 1e9, 1))
+
+
+def section_kernels(dev, args, ceil: dict, res: Results) -> dict:
+    cuda = dev.type == "cuda"
+    shapes, ms, weights, acts, gs = kernel_plan(args, cuda)
+    rows = []
+    peer = peers.available()
+    log(f"kernels: {len(shapes)} shapes x {len(ms)} M x {len(weights)} weights x {len(acts)} acts; peers: {peer}")
+    for (n, k) in shapes:
+        for m in ms:
+            if over_budget(args, min(args.kernel_budget_s, args.budget_s)):
+                log("kernels: time budget reached, stopping (raise --kernel-budget-s or use --quick)")
+                return dict(rows=rows, truncated=True)
+            flops = 2.0 * m * n * k
+            # ---- baselines
+            base = {}
+            for dt in (torch.float16, torch.bfloat16):
+                nbytes = n * k * 2
+                c = copies_needed(nbytes, cuda)
+                ws = [torch.randn(n, k, device=dev, dtype=dt) * 0.02 for _ in range(c)]
+                xs = [torch.randn(m, k, device=dev, dtype=dt) for _ in range(c)]
+                t = time_fn([lambda w=w, x=x: F.linear(x, w) for w, x in zip(ws, xs)], args, cuda)
+                name = f"torch {str(dt)[6:]}"
+                base[name] = t["s"]
+                rows.append(dict(kernel=name, scheme="W16A16", m=m, n=n, k=k, us=t["s"] * 1e6, mode=t["mode"],
+                                 **roofline(nbytes + 2 * (m * k + m * n), flops, t["s"], ceil, False)))
+                del ws, xs
+            if cuda:
+                mp = max(m, 17)  # torch._int_mm needs M > 16: smaller M is padded (and says so)
+                c = copies_needed(n * k, cuda)
+                ws = [torch.randint(-128, 127, (n, k), device=dev, dtype=torch.int8) for _ in range(c)]
+                xs = [torch.randint(-128, 127, (mp, k), device=dev, dtype=torch.int8) for _ in range(c)]
+                try:
+                    t = time_fn([lambda w=w, x=x: torch._int_mm(x, w.t()) for w, x in zip(ws, xs)], args, cuda)
+                    base["torch _int_mm"] = t["s"]
+                    rows.append(dict(kernel="torch _int_mm", scheme="W8A8 (int8 GEMM only)", m=m, n=n, k=k,
+                                     us=t["s"] * 1e6, mode=t["mode"] + ("" if mp == m else f", M padded to {mp}"),
+                                     **roofline(n * k + mp * k + 4 * mp * n, 2.0 * mp * n * k, t["s"], ceil, True)))
+                except RuntimeError as e:
+                    rows.append(dict(kernel="torch _int_mm", m=m, n=n, k=k, error=str(e)[:200]))
+                del ws, xs
+            fp16 = base["torch float16"]
+            # ---- ours (+ peers) for every scheme
+            for wname, bits, balanced in weights:
+                for a in acts:
+                    spec = LayerSpec(WeightSpec(bits, balanced=balanced, group_size=gs), ActSpec(a))
+                    sbits = spec.weight.storage_bits
+                    groups = 1 if gs == 0 else -(-k // gs)
+                    wbytes = n * (-(-k // 32)) * 4 * sbits + n * groups * 3
+                    c = copies_needed(wbytes, cuda)
+                    layers = [llama.random_quant_linear(k, n, spec, dev, seed=i) for i in range(c)]
+                    xs = [torch.randn(m, k, device=dev, dtype=torch.float16) for _ in range(c)]
+                    nbytes = wbytes + 2 * (m * k + m * n)
+                    scheme = f"{wname}A{a}"
+                    try:
+                        t = time_fn([lambda L=L, x=x: TL.qlinear(x, **TL.layer_args(L)) for L, x in zip(layers, xs)],
+                                    args, cuda)
+                        rows.append(dict(kernel="triton", scheme=scheme, m=m, n=n, k=k, us=t["s"] * 1e6,
+                                         mode=t["mode"], vs_fp16=round(fp16 / t["s"], 3),
+                                         config=str(TL.default_config(m, n, k, gs, a != 16, dev)),
+                                         **roofline(nbytes, flops, t["s"], ceil, a != 16)))
+                    except Exception as e:  # noqa: BLE001
+                        rows.append(dict(kernel="triton", scheme=scheme, m=m, n=n, k=k,
+                                         error=f"{type(e).__name__}: {e}"[-300:]))
+                    if cuda and a != 16 and m <= 64 and CU.supports(layers[0], dev):
+                        try:
+                            for L in layers:
+                                CU.weight_planes(L.qweight, k, sbits, gs)  # repack outside the timing
+                            t = time_fn([lambda L=L, x=x: CU.qlinear(x, **TL.layer_args(L)) for L, x in zip(layers, xs)],
+                                        args, cuda)
+                            rows.append(dict(kernel="cuda-bmma", scheme=scheme, m=m, n=n, k=k, us=t["s"] * 1e6,
+                                             mode=t["mode"], vs_fp16=round(fp16 / t["s"], 3),
+                                             **roofline(nbytes, flops, t["s"], ceil, True)))
+                        except Exception as e:  # noqa: BLE001
+                            rows.append(dict(kernel="cuda-bmma", scheme=scheme, m=m, n=n, k=k,
+                                             error=f"{type(e).__name__}: {e}"[-300:]))
+                        CU._PLANES.clear()
+                    if peer and cuda:
+                        pr = peers.time_peer(scheme, bits, balanced, a, gs, m, n, k, c, dev,
+                                             lambda fns: time_fn(fns, args, cuda))
+                        if pr is not None:
+                            pr.update(m=m, n=n, k=k, vs_fp16=round(fp16 / pr["s"], 3) if "s" in pr else None)
+                            if "s" in pr:
+                                pr.update(us=pr["s"] * 1e6, **roofline(nbytes, flops, pr["s"], ceil, a != 16))
+                            rows.append(pr)
+                    del layers, xs
+            if cuda:
+                torch.cuda.empty_cache()
+            log(f"kernels: N={n} K={k} M={m} done ({len(rows)} rows)")
+            res.put("kernels", dict(rows=rows, truncated=False, partial=True))
+    sweep = []
+    if cuda:
+        for (m, n, k, scheme, cfgd) in sweep_plan(args):
+            if over_budget(args, min(args.kernel_budget_s + 30, args.budget_s)):
+                log("sweep: time budget reached, stopping")
+                break
+            qs = parse_scheme(scheme + (f"g{gs}" if gs else ""))
+            cfg = sweep_config(m, n, k, gs, cfgd, dev)
+            label = str(cfg) + (f" ({cfgd['per_sm']} programs/SM)" if "per_sm" in cfgd else "")
+            wbytes = n * (-(-k // 32)) * 4 * qs.weight.storage_bits + n * (1 if gs == 0 else -(-k // gs)) * 3
+            c = copies_needed(wbytes, cuda)
+            layers = [llama.random_quant_linear(k, n, qs.layer, dev, seed=i) for i in range(c)]
+            xs = [torch.randn(m, k, device=dev, dtype=torch.float16) for _ in range(c)]
+            try:
+                t = time_fn([lambda L=L, x=x: TL.qlinear(x, **TL.layer_args(L), config=cfg) for L, x in zip(layers, xs)],
+                            args, cuda)
+                sweep.append(dict(scheme=scheme, m=m, n=n, k=k, config=label, us=t["s"] * 1e6, mode=t["mode"],
+                                  default=cfg == TL.default_config(m, n, k, gs, qs.act.bits != 16, dev)))
+            except Exception as e:  # noqa: BLE001
+                sweep.append(dict(scheme=scheme, m=m, n=n, k=k, config=label, error=f"{type(e).__name__}: {e}"[-300:]))
+            del layers, xs
+        log(f"sweep: {len(sweep)} configurations timed")
+    return dict(rows=rows, truncated=False, sweep=sweep)
+
+
+def section_e2e(dev, args) -> dict:
+    cuda = dev.type == "cuda"
+    if cuda:
+        shape = llama.Shape(n_layers=args.layers, max_seq=args.prompt + args.new_tokens)
+        batches, new_tokens, prompt = ([1, 16] if not args.quick else [1]), args.new_tokens, args.prompt
+        variants = E2E_VARIANTS
+    else:
+        shape = llama.Shape(dim=64, n_layers=1, n_heads=2, ffn=64, vocab=100, max_seq=8)
+        batches, new_tokens, prompt = [1], 2, 3
+        variants = ["fp16", "W2*A8"]
+    rows = []
+    for b in batches:
+        for variant in variants:
+            if over_budget(args) and rows:
+                log("e2e: time budget reached, stopping")
+                return dict(rows=rows, truncated=True, shape=shape.__dict__)
+            gs = args.group_size if cuda else 32
+            spec = None if variant == "fp16" else parse_scheme(variant + (f"g{gs}" if gs else "")).layer
+            if cuda:
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+            try:
+                model = llama.Llama(shape, spec, b, dev)
+                wb, kvb = llama.weight_bytes(model), llama.kv_bytes(model)
+                r = llama.generate_timed(model, b, prompt, new_tokens, use_graph=cuda)
+                peak = torch.cuda.max_memory_allocated(dev) if cuda else None
+                row = dict(variant=variant, batch=b, layers=shape.n_layers, prompt=prompt, new_tokens=new_tokens, **r,
+                           weight_bytes=wb, kv_bytes=kvb, peak_bytes=peak,
+                           memory_over_weights_kv=round(peak / (wb + kvb), 3) if peak else None,
+                           weight_read_roofline_tokens_per_s=round(b * _bw(args) / (wb + kvb), 1) if cuda else None)
+            except Exception as e:  # noqa: BLE001
+                row = dict(variant=variant, batch=b, error=f"{type(e).__name__}: {e}"[-400:],
+                           trace=traceback.format_exc()[-1500:])
+            rows.append(row)
+            log(f"e2e: {variant} batch {b}: " + (f"{row['tokens_per_s']:.1f} tok/s" if "tokens_per_s" in row
+                                                 else row.get("error", "")))
+            model = None
+    fp16 = {r["batch"]: r["tokens_per_s"] for r in rows if r["variant"] == "fp16" and "tokens_per_s" in r}
+    for r in rows:
+        if "tokens_per_s" in r and r["batch"] in fp16:
+            r["vs_fp16"] = round(r["tokens_per_s"] / fp16[r["batch"]], 3)
+    return dict(rows=rows, truncated=False, shape=shape.__dict__)
+
+
+_BW = {}
+
+
+def _bw(args):
+    return _BW.get("bw", 3.0e12)
+
+
+# ---- report -------------------------------------------------------------------------------------
+
+TARGETS = [  # (what, scheme, m, (n, k), baseline, factor)
+    ("M=1, 8192^2: W4A16 >= 2.5x fp16", "W4A16", 1, (8192, 8192), "torch float16", 2.5),
+    ("M=1, 8192^2: W2A16 >= 3.5x fp16", "W2A16", 1, (8192, 8192), "torch float16", 3.5),
+    ("M=1, 8192^2: W2A8 >= 3.5x fp16", "W2A8", 1, (8192, 8192), "torch float16", 3.5),
+    ("M=1, 8192^2: W8A8 >= 1.8x fp16", "W8A8", 1, (8192, 8192), "torch float16", 1.8),
+    ("M=2048: W8A8 >= 0.8x _int_mm", "W8A8", 2048, None, "torch _int_mm", 0.8),
+    ("M=2048: W4A8 >= 0.8x _int_mm", "W4A8", 2048, None, "torch _int_mm", 0.8),
+    ("M=2048: W4A16 >= 0.7x fp16", "W4A16", 2048, None, "torch float16", 0.7),
+    ("M=2048: W2A16 >= 0.7x fp16", "W2A16", 2048, None, "torch float16", 0.7),
+]
+
+
+def render(data: dict) -> str:
+    env = data.get("env", {})
+    out = [f"# GPU suite: {env.get('gpu', '?')}, {env.get('date', '?')}", "",
+           f"torch {env.get('torch')}, triton {env.get('triton')}, CUDA {env.get('cuda')}, "
+           f"{env.get('sms', '?')} SMs, L2 {env.get('l2_mib', '?')} MiB", ""]
+    c = data.get("ceilings")
+    if c:
+        out += ["## Ceilings measured in this run", "", "| ceiling | value |", "|---|---|",
+                f"| device copy bandwidth (read + write) | {c['bandwidth_Bps'] / 1e12:.2f} TB/s |",
+                f"| fp16 matmul 8192^3 | {c.get('float16_flops', 0) / 1e12:.0f} TFLOP/s |",
+                f"| bf16 matmul 8192^3 | {c.get('bfloat16_flops', 0) / 1e12:.0f} TFLOP/s |",
+                f"| int8 torch._int_mm 8192^3 | {c.get('int8_ops', 0) / 1e12:.0f} TOP/s |", ""]
+    s = data.get("sass")
+    if s:
+        out += ["## CUDA binary kernel: tensor-core instructions in the SASS", "", f"`{json.dumps(s.get('mma_ops', s))}`", ""]
+    cr = data.get("correctness")
+    if cr:
+        out += ["## Correctness (vs the float64 reference, outputs poisoned first)", "",
+                f"{cr['passed']}/{cr['total']} checks passed.", ""]
+        for r in cr["failures"][:30]:
+            out.append(f"- FAILED {r}")
+        out.append("")
+    kr = data.get("kernels")
+    if kr and kr.get("rows"):
+        out += _render_kernels(kr["rows"])
+        out += _render_targets(kr["rows"])
+        out += _render_peers(kr["rows"])
+        if kr.get("sweep"):
+            out += ["## Tile sweep (N = K = 8192; * = the current default)", "", "| scheme | M | config | us |",
+                    "|---|---|---|---|"]
+            for r in kr["sweep"]:
+                out.append(f"| {r['scheme']} | {r['m']} | {'* ' if r.get('default') else ''}{r['config']} | "
+                           f"{r.get('us', r.get('error', ''))} |")
+            out.append("")
+    e2e = data.get("e2e")
+    if e2e and e2e.get("rows"):
+        out += _render_e2e_targets(e2e["rows"])
+        out += ["## End-to-end decode (random-weight Llama-2-7B shape, CUDA graph per step)", "",
+                f"shape: {e2e.get('shape')}", "",
+                "| variant | batch | tok/s | vs fp16 | ms/step | prefill s | weights GB | KV GB | peak GB | peak/(weights+KV) |",
+                "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in e2e["rows"]:
+            if "error" in r:
+                out.append(f"| {r['variant']} | {r['batch']} | error: {r['error'][:80]} |||||||")
+                continue
+            gb = lambda v: f"{v / 1e9:.2f}" if v else "-"  # noqa: E731
+            out.append(f"| {r['variant']} | {r['batch']} | {r['tokens_per_s']:.1f} | {r.get('vs_fp16', '-')} | "
+                       f"{r['ms_per_step']:.2f} | {r['prefill_s']:.3f} | {gb(r['weight_bytes'])} | {gb(r['kv_bytes'])} | "
+                       f"{gb(r['peak_bytes'])} | {r.get('memory_over_weights_kv', '-')} |")
+        out.append("")
+    return "\n".join(out) + "\n"
+
+
+def _render_kernels(rows) -> list[str]:
+    out = ["## Kernel timings (median us; x = speed-up over torch fp16; roof = fraction of the memory or "
+           "tensor-core roofline, whichever bounds)", ""]
+    by_shape = {}
+    for r in rows:
+        if "us" in r:
+            by_shape.setdefault((r["n"], r["k"]), []).append(r)
+    for (n, k), rs in by_shape.items():
+        ms = sorted({r["m"] for r in rs})
+        out += [f"### N={n}, K={k}", "", "| kernel | scheme | " + " | ".join(f"M={m}" for m in ms) + " |",
+                "|---|---|" + "---|" * len(ms)]
+        keys = []
+        for r in rs:
+            if (r["kernel"], r["scheme"]) not in keys:
+                keys.append((r["kernel"], r["scheme"]))
+        for kern, scheme in keys:
+            cells = []
+            for m in ms:
+                hit = [r for r in rs if r["kernel"] == kern and r["scheme"] == scheme and r["m"] == m]
+                if hit:
+                    h = hit[0]
+                    x = f" {h['vs_fp16']}x" if h.get("vs_fp16") else ""
+                    cells.append(f"{h['us']:.1f}{x} ({h['roofline_fraction']:.2f} {h['bound'][0]})")
+                else:
+                    cells.append("")
+            out.append(f"| {kern} | {scheme} | " + " | ".join(cells) + " |")
+        out.append("")
+    return out
+
+
+def _render_e2e_targets(rows) -> list[str]:
+    out = ["## End-to-end targets (issue 4, batch 1)", "", "| target | measured | met |", "|---|---|---|"]
+    b1 = {r["variant"]: r for r in rows if r.get("batch") == 1 and "tokens_per_s" in r}
+    for variant, factor in (("W4A16", 2.5), ("W2A8", 3.5)):
+        r = b1.get(variant)
+        v = r.get("vs_fp16") if r else None
+        out.append(f"| {variant} >= {factor}x fp16 tokens/s | {v if v is not None else 'not measured'} | "
+                   f"{'-' if v is None else 'yes' if v >= factor else 'no'} |")
+    for variant, r in b1.items():
+        if variant != "fp16" and r.get("memory_over_weights_kv"):
+            ratio = r["memory_over_weights_kv"]
+            out.append(f"| {variant}: peak memory <= 1.10 x (packed weights + KV) | {ratio} | "
+                       f"{'yes' if ratio <= 1.10 else 'no'} |")
+    return out + [""]
+
+
+def _render_peers(rows) -> list[str]:
+    """'Every config at least as fast as the best peer kernel measured for the same bits'."""
+    peer_rows = [r for r in rows if str(r.get("kernel", "")).startswith("gemlite") and "us" in r]
+    if not peer_rows:
+        return ["## Peers", "", "No peer kernel was measured (carry a GemLite wheel: benchmarks/gpu/fetch_peer_wheels.sh).", ""]
+    out = ["## Against the best peer (same scheme, shape and M)", "", "| scheme | N x K | M | ours us | peer us | ours/peer |",
+           "|---|---|---|---|---|---|"]
+    for p in peer_rows:
+        ours = [r["us"] for r in rows if r.get("kernel") in ("triton", "cuda-bmma") and r.get("scheme") == p["scheme"]
+                and r["m"] == p["m"] and r["n"] == p["n"] and r["k"] == p["k"] and "us" in r]
+        if ours:
+            out.append(f"| {p['scheme']} | {p['n']}x{p['k']} | {p['m']} | {min(ours):.1f} | {p['us']:.1f} | "
+                       f"{min(ours) / p['us']:.2f} |")
+    return out + [""]
+
+
+def _render_targets(rows) -> list[str]:
+    out = ["## Targets (issue 4)", "", "| target | measured | met |", "|---|---|---|"]
+    def find(kernel, scheme, m, n, k):
+        hit = [r for r in rows if r.get("kernel") == kernel and r.get("scheme", "").startswith(scheme)
+               and r["m"] == m and r["n"] == n and r["k"] == k and "us" in r]
+        return hit[0]["us"] if hit else None
+    for what, scheme, m, nk, base, factor in TARGETS:
+        shapes = [nk] if nk else SHAPES
+        parts, met = [], []
+        for n, k in shapes:
+            ours = [find(kern, scheme, m, n, k) for kern in ("triton", "cuda-bmma")]
+            ours = [o for o in ours if o]
+            ref = find(base, "W", m, n, k)
+            if ours and ref:
+                speed = ref / min(ours)
+                parts.append(f"{n}x{k}: {speed:.2f}x")
+                met.append(speed >= factor)
+        out.append(f"| {what} | {', '.join(parts) or 'not measured'} | "
+                   f"{'yes' if met and all(met) else 'no' if met else '-'} |")
+    out.append("")
+    return out
+
+
+# ---- main ---------------------------------------------------------------------------------------
+
+def main(args) -> int:
+    dev = torch.device("cuda" if (torch.cuda.is_available() and not args.cpu) else "cpu")
+    if dev.type == "cpu" and not args.cpu:
+        log("no CUDA device: use --cpu for the interpreter smoke run")
+        return 2
+    res = Results(Path(args.out))
+    res.put("args", {k: (sorted(v) if isinstance(v, set) else v) for k, v in vars(args).items()})
+    status = 0
+    ceil = None
+    for section in SECTIONS:
+        if section in args.skip:
+            continue
+        log(f"== {section}")
+        try:
+            if section == "env":
+                res.put("env", section_env(dev))
+            elif section == "warmup":
+                res.put("warmup", section_warmup(dev, args))
+            elif section == "ceilings":
+                ceil = section_ceilings(dev, args)
+                _BW["bw"] = ceil["bandwidth_Bps"]
+                res.put("ceilings", ceil)
+            elif section == "sass":
+                res.put("sass", section_sass(dev))
+            elif section == "correctness":
+                r = section_correctness(dev, args)
+                res.put("correctness", r)
+                status |= r["passed"] != r["total"]
+            elif section == "kernels":
+                ceil = ceil or dict(bandwidth_Bps=3.0e12, float16_flops=7.5e14, int8_ops=1.5e15, assumed=True)
+                res.put("kernels", section_kernels(dev, args, ceil, res))
+            elif section == "e2e":
+                res.put("e2e", section_e2e(dev, args))
+        except Exception as e:  # noqa: BLE001  (one broken section must not lose the others)
+            log(f"{section} FAILED: {type(e).__name__}: {e}")
+            res.put(section, dict(error=f"{type(e).__name__}: {e}", trace=traceback.format_exc()[-3000:]))
+            status = 1
+        (res.out / "results.md").write_text(render(res.data))
+    log(f"wrote {res.out / 'results.json'} and {res.out / 'results.md'}")
+    print(render({k: v for k, v in res.data.items() if k in ("env", "ceilings", "correctness")}))
+    kr = res.data.get("kernels", {})
+    if isinstance(kr, dict) and kr.get("rows"):
+        print("\n".join(_render_targets(kr["rows"])))
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main(ARGS))

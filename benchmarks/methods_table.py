@@ -1,0 +1,125 @@
+"""Methods side by side on the default model: one row per method, one column per configuration.
+
+    python benchmarks/methods_table.py --methods rtn,abq --configs W4A16g64,W2*A16 --max-windows 16
+
+Each (method, config) result is cached in benchmarks/results/methods_<model>.json and reused on the
+next run (delete an entry to redo it); the markdown table is rebuilt from the cache every time.
+A method that does not apply to a configuration (e.g. AWQ with quantized activations) is skipped.
+Not part of the test run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+import abqllm
+from abqllm.data.sources import calibration_samples, eval_token_ids, load_text
+from abqllm.errors import AbqError
+from abqllm.eval.perplexity import perplexity
+from abqllm.methods import get_method, resolve_preset
+from abqllm.spec import parse_scheme
+
+CONFIGS = "W4A16,W4A16g64,W3A16g64,W2A16g64,W2*A16,W6A6,W4A8,W4A4,W2A8,W2*A8"
+
+
+def run_one(model_name, method, scheme, opts, ids_eval, text, max_windows, seed):
+    spec = parse_scheme(scheme)
+    options, (n, seqlen), preset = resolve_preset(method, None, "cpu")
+    options.update(opts)
+    m = get_method(method, **options)
+    model, tok = abqllm.load_model(model_name)
+    calib = calibration_samples(tok, text, n, seqlen, seed=seed) if m.needs_data(spec) else None
+    t0 = time.perf_counter()
+    report = abqllm.quantize(model, spec, method=method, calib_ids=calib, seed=seed, data=text.name, **options)
+    qs = time.perf_counter() - t0
+    r = perplexity(model, ids_eval, max_windows=max_windows)
+    return {"ppl": r.ppl, "tokens": r.tokens, "quantize_s": round(qs, 1), "preset": preset, "settings": m.settings(),
+            "calib": [n, seqlen] if calib is not None else None,
+            "block_s": [round(b.seconds, 2) for b in report.blocks],
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--methods", default="rtn,abq")
+    ap.add_argument("--configs", default=CONFIGS)
+    ap.add_argument("--method-opts", default="{}", help="JSON: {method: {option: value}}")
+    ap.add_argument("--label", default=None, help="row label suffix, e.g. for an ablation")
+    ap.add_argument("--max-windows", type=int, default=None)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default="benchmarks/results")
+    a = ap.parse_args()
+    opts_by_method = json.loads(a.method_opts)
+    cache_path = Path(a.out) / f"methods_{a.model}.json"
+    cache = json.loads(cache_path.read_text()) if cache_path.exists() else {"results": {}}
+    text = load_text(None)
+    model, tok = abqllm.load_model(a.model)
+    ids = eval_token_ids(tok, text)
+    windows_key = f"w{a.max_windows or 'all'}"
+    fkey = f"float|{windows_key}"
+    if fkey not in cache["results"]:
+        cache["results"][fkey] = {"ppl": perplexity(model, ids, max_windows=a.max_windows).ppl}
+    del model
+    for method in a.methods.split(","):
+        label = method + (f" ({a.label})" if a.label else "")
+        for scheme in a.configs.split(","):
+            key = f"{label}|{scheme}|{windows_key}"
+            if key in cache["results"]:
+                continue
+            try:
+                res = run_one(a.model, method, scheme, opts_by_method.get(method, {}), ids, text, a.max_windows, a.seed)
+            except AbqError as e:
+                print(f"skip {label} {scheme}: {e}", flush=True)
+                continue
+            res["command"] = "python " + " ".join(sys.argv)
+            res["date"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+            cache["results"][key] = res
+            print(f"{label} {scheme}: ppl {res['ppl']:.3f}, {res['quantize_s']} s", flush=True)
+            cache_path.parent.mkdir(parents=True, exist_ok=True)
+            cache_path.write_text(json.dumps(cache, indent=1))
+    cache["machine"] = f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    cache["data"] = {"name": text.name, "split": text.description}
+    cache_path.write_text(json.dumps(cache, indent=1))
+    write_markdown(cache, cache_path.with_suffix(".md"))
+
+
+def write_markdown(cache, path: Path):
+    res = cache["results"]
+    lines = ["# Methods on the default model", "", f"Data: {cache.get('data', {}).get('split', '')}  ",
+             f"Machine: {cache.get('machine', '')}. Commands and dates are in the JSON beside this file.", ""]
+    for wk in sorted({k.split("|")[-1] for k in res}):
+        fp = res.get(f"float|{wk}", {}).get("ppl")
+        rows = sorted({k.split("|")[0] for k in res if k.endswith(wk) and not k.startswith("float")})
+        configs = [c for c in CONFIGS.split(",") if any(k.split("|")[1:2] == [c] for k in res if k.endswith(wk))]
+        configs += sorted({k.split("|")[1] for k in res if k.endswith(wk) and k.count("|") == 2} - set(configs))
+        windows = "all windows" if wk == "wall" else f"first {wk[1:]} windows"
+        lines += [f"## Perplexity ({windows} of 1024 tokens; float {fp:.3f}); in brackets: ratio to float", "",
+                  "| method | " + " | ".join(configs) + " |", "|---|" + "---|" * len(configs)]
+        for r in rows:
+            cells = []
+            for c in configs:
+                e = res.get(f"{r}|{c}|{wk}")
+                cells.append("-" if e is None else f"{e['ppl']:.2f} ({e['ppl'] / fp:.2f})")
+            lines.append(f"| {r} | " + " | ".join(cells) + " |")
+        lines += ["", "Quantize time (s) on this machine:", "", "| method | " + " | ".join(configs) + " |",
+                  "|---|" + "---|" * len(configs)]
+        for r in rows:
+            cells = [str(res.get(f"{r}|{c}|{wk}", {}).get("quantize_s", "-")) for c in configs]
+            lines.append(f"| {r} | " + " | ".join(cells) + " |")
+        lines.append("")
+    path.write_text("\n".join(lines) + "\n")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

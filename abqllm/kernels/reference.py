@@ -57,7 +57,7 @@ def bitplane_dot(x_codes: torch.Tensor, x_bits: int, w_codes: torch.Tensor, w_bi
     words_per_group = xp.shape[-1] if group_size == 0 else group_size // WORD
     g = P.num_groups(x_codes.shape[1], group_size)
     m, n = x_codes.shape[0], w_codes.shape[0]
-    out = torch.zeros(m, n, g, dtype=torch.float64)
+    out = torch.zeros(m, n, g, dtype=torch.float64, device=x_codes.device)
     for i in range(x_bits):
         for j in range(w_bits):
             both = xp[i].unsqueeze(1) & wp[j].unsqueeze(0)  # [M, N, W]
@@ -71,7 +71,7 @@ def zero_point_epilogue(dot: torch.Tensor, x_codes: torch.Tensor, sx: torch.Tens
                         w_codes: torch.Tensor, sw: torch.Tensor, zw: torch.Tensor, group_size: int) -> torch.Tensor:
     """dot [M, N, G] raw code products -> float64 [M, N] outputs (before bias)."""
     k = x_codes.shape[1]
-    kg = torch.tensor([e - s for s, e in P.group_bounds(k, group_size)], dtype=torch.float64)  # [G]
+    kg = torch.tensor([e - s for s, e in P.group_bounds(k, group_size)], dtype=torch.float64, device=dot.device)
     sum_x = _group_view(x_codes.double(), group_size).sum(-1)  # [M, G]
     sum_w = _group_view(w_codes.double(), group_size).sum(-1)  # [N, G]
     zx, sx = zx.double().reshape(-1, 1, 1), sx.double().reshape(-1, 1)

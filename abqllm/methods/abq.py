@@ -21,6 +21,7 @@ from abqllm.calib.runner import BlockContext
 from abqllm.errors import AbqError
 from abqllm.methods import abq_math as M
 from abqllm.methods.rotation import rotate_model
+from abqllm.methods.transforms import reduce_kv
 from abqllm.models.arch import attention_dims
 from abqllm.nn.qlinear import QuantLinear
 from abqllm.quant import primitives as P
@@ -128,13 +129,11 @@ class ABQ:
         if self.smooth:
             dims = attention_dims(ctx.block.get_submodule(ctx.arch.attn).config)
             for i, g in groups:
-                x_max = stats[g.linears[0]].clone()
+                x_max = stats[g.linears[0]]
                 w_max = torch.cat([weights[f"{l}.weight"] for l in g.linears]).abs().amax(0)
                 prev_out = weights[f"{g.prev}.weight"].shape[0]
-                if x_max.numel() != prev_out:  # o_proj input per query head -> per kv head channel
-                    heads, kv, hd = dims
-                    x_max = x_max.reshape(kv, heads // kv, hd).amax(1).reshape(-1)
-                    w_max = w_max.reshape(kv, heads // kv, hd).amax(1).reshape(-1)
+                # o_proj's input per query head -> v_proj's output channels (grouped-query heads)
+                x_max, w_max = reduce_kv(x_max, prev_out, dims[2]), reduce_kv(w_max, prev_out, dims[2])
                 # Weight-only: smoothing moves activation difficulty into the weights, which is the
                 # wrong way; start from the identity and let the loss decide.
                 init = M.smooth_init(x_max, w_max, self.alpha) if not ctx.spec.act.is_float else \

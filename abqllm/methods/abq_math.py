@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from abqllm.methods.transforms import fold_group
 from abqllm.models.arch import ArchSpec, LinearGroup
 from abqllm.quant import primitives as P
 from abqllm.spec import WeightSpec
@@ -26,11 +27,6 @@ def group_key(i: int) -> str:
     return f"smooth.{i}"
 
 
-def expand_kv_scale(s: torch.Tensor, heads: int, kv_heads: int, head_dim: int) -> torch.Tensor:
-    """Per-channel scale of v_proj's outputs [kv_heads*hd] -> o_proj's input columns [heads*hd] (GQA)."""
-    return s.reshape(kv_heads, 1, head_dim).expand(kv_heads, heads // kv_heads, head_dim).reshape(-1)
-
-
 def transform_block(weights: dict[str, torch.Tensor], params: dict[str, torch.Tensor],
                     groups: list[tuple[str, LinearGroup]], arch: ArchSpec,
                     dims: tuple[int, int, int]) -> dict[str, torch.Tensor]:
@@ -39,23 +35,11 @@ def transform_block(weights: dict[str, torch.Tensor], params: dict[str, torch.Te
     `groups` pairs each scale's key in `params` with its LinearGroup. Only tensors that change are
     returned. Exact in real arithmetic: the transformed float block computes the same function.
     """
-    heads, kv_heads, head_dim = dims
+    head_dim = dims[2]
     out = dict(weights)
-    for key, g in groups:
-        if key not in params or g.prev is None:
-            continue
-        s = params[key].exp()
-        consumer_in = out[f"{g.linears[0]}.weight"].shape[1]
-        s_cols = expand_kv_scale(s, heads, kv_heads, head_dim) if s.numel() != consumer_in else s
-        for lin in g.linears:
-            out[f"{lin}.weight"] = out[f"{lin}.weight"] * s_cols
-        pw, pb = f"{g.prev}.weight", f"{g.prev}.bias"
-        if out[pw].dim() == 1:  # a norm: y = norm(x) * w (+ b); Gemma: norm(x) * (1 + w)
-            out[pw] = (1 + out[pw]) / s - 1 if arch.norm_plus_one else out[pw] / s
-        else:  # a linear: scale its output rows
-            out[pw] = out[pw] / s.unsqueeze(1)
-        if pb in out and out[pb] is not None:
-            out[pb] = out[pb] / s
+    for key, g in groups:  # the same fold the baselines use, here under autograd
+        if key in params and g.prev is not None:
+            out.update(fold_group(out, g, params[key].exp(), arch.norm_plus_one, head_dim))
     for key in params:  # distribution compensation, after the transforms, before quantization
         if key.startswith("comp.") and key.endswith(".a"):
             lin = key[len("comp."): -len(".a")]

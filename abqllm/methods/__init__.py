@@ -13,7 +13,8 @@ METHODS = {"abq": ABQ, "rtn": RTN,
            "smoothquant": composed("smoothquant"),
            "smoothquant+gptq": composed("smoothquant+gptq"),
            "awq": composed("awq"),
-           "awq+gptq": composed("awq+gptq")}
+           "awq+gptq": composed("awq+gptq"),
+           "abq+gptq": composed("abq+gptq")}
 
 
 def get_method(name: str, **options):

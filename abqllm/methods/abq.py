@@ -20,6 +20,7 @@ from torch.func import functional_call
 from abqllm.calib.runner import BlockContext
 from abqllm.errors import AbqError
 from abqllm.methods import abq_math as M
+from abqllm.methods.awq import AWQ
 from abqllm.methods.rotation import rotate_model
 from abqllm.methods.transforms import reduce_kv
 from abqllm.models.arch import attention_dims
@@ -45,7 +46,8 @@ class ABQ:
     lr_smooth: float = 1e-2      # equivalent-transform scales
     lr_clip: float = 2e-2        # clipping and compensation
     batch_size: int = 4
-    alpha: float = 0.5           # SmoothQuant-style initialisation exponent
+    alpha: float = 0.5           # SmoothQuant-style initialisation exponent (init="smoothquant")
+    init: str = "auto"           # transform start: smoothquant | identity | awq | auto (see _init_smooth)
     smooth: bool = True          # learnable equivalent transforms
     lwc: bool = True             # learnable weight clipping
     compensation: bool = True    # W + a b^T on down_proj of the first/last blocks
@@ -74,6 +76,10 @@ class ABQ:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "name"}
 
     # ---- calibration --------------------------------------------------------------------------
+
+    def search(self, ctx: BlockContext) -> dict[str, torch.Tensor]:
+        """The transform half of a composition (abq+gptq): the trained parameters."""
+        return self.calibrate(ctx)
 
     def calibrate(self, ctx: BlockContext) -> dict[str, torch.Tensor]:
         if not ctx.spec.act.is_float and not ctx.spec.act.dynamic:
@@ -128,17 +134,14 @@ class ABQ:
         stats, sq = _input_stats(ctx, list(dict.fromkeys([*ctx.linears, *(g.linears[0] for _, g in groups)])))
         if self.smooth:
             dims = attention_dims(ctx.block.get_submodule(ctx.arch.attn).config)
+            awq = AWQ(clip=False).search(ctx) if self._init_kind(ctx) == "awq" else {}
             for i, g in groups:
                 x_max = stats[g.linears[0]]
                 w_max = torch.cat([weights[f"{l}.weight"] for l in g.linears]).abs().amax(0)
                 prev_out = weights[f"{g.prev}.weight"].shape[0]
                 # o_proj's input per query head -> v_proj's output channels (grouped-query heads)
                 x_max, w_max = reduce_kv(x_max, prev_out, dims[2]), reduce_kv(w_max, prev_out, dims[2])
-                # Weight-only: smoothing moves activation difficulty into the weights, which is the
-                # wrong way; start from the identity and let the loss decide.
-                init = M.smooth_init(x_max, w_max, self.alpha) if not ctx.spec.act.is_float else \
-                    torch.zeros_like(x_max)
-                params[M.group_key(i)] = init.requires_grad_()
+                params[M.group_key(i)] = self._init_smooth(ctx, g, x_max, w_max, awq).requires_grad_()
         spec = ctx.spec.weight
         new = self._transformed(ctx, weights, {k: v.detach() for k, v in params.items()}, groups)
         for name in ctx.linears:
@@ -155,6 +158,27 @@ class ABQ:
             params[f"comp.{down}.a"] = torch.zeros(w.shape[0], 1, device=w.device, requires_grad=True)
             params[f"comp.{down}.b"] = torch.ones(1, w.shape[1], device=w.device, requires_grad=True)
         return params
+
+    def _init_kind(self, ctx: BlockContext) -> str:
+        if self.init not in ("auto", "smoothquant", "identity", "awq"):
+            raise AbqError(f"abq init must be auto, smoothquant, identity or awq, got {self.init!r}")
+        if self.init != "auto":
+            return self.init
+        # Weight-only: smoothing by activation range moves difficulty into the weights, the wrong
+        # way; AWQ's searched scales start where the weight error is already low. With quantized
+        # activations the same search also weighs the activation error (awq.search_scale).
+        return "awq"
+
+    def _init_smooth(self, ctx, group, x_max, w_max, awq: dict) -> torch.Tensor:
+        """log-scale [prev out] of one LinearGroup at the start of training."""
+        kind = self._init_kind(ctx)
+        if kind == "identity":
+            return torch.zeros_like(x_max)
+        if kind == "awq" and f"smooth.{group.prev}" in awq:
+            return awq[f"smooth.{group.prev}"].to(x_max.device).float().log()
+        if kind == "awq":  # AWQ searched no scale here (its linears are all skipped)
+            return torch.zeros_like(x_max)
+        return M.smooth_init(x_max, w_max, self.alpha)
 
     def _transformed(self, ctx: BlockContext, weights, params, groups) -> dict[str, torch.Tensor]:
         dims = attention_dims(ctx.block.get_submodule(ctx.arch.attn).config)
@@ -173,27 +197,30 @@ class ABQ:
     # ---- fold ---------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def apply(self, ctx: BlockContext, result: dict[str, torch.Tensor]) -> dict[str, QuantLinear]:
-        block = ctx.block
-        result = {k: v.to(ctx.device) for k, v in result.items()}
+    def fold(self, block: nn.Module, ctx: BlockContext, result: dict[str, torch.Tensor]) -> None:
+        """Fold the trained transforms and compensation into `block` (weights, biases, norms)."""
         weights = {n: p.detach() for n, p in block.named_parameters()}
-        new = self._transformed(ctx, weights, result, _groups(ctx))
-        owned = {f"{n}.{t}" for n in ctx.linears for t in ("weight", "bias")}
+        new = self._transformed(ctx, weights, {k: v.to(ctx.device) for k, v in result.items()}, _groups(ctx))
         for name, t in new.items():
-            if name not in owned:  # norms, skipped linears: fold in place
-                block.get_parameter(name).copy_(t)
-        qlayers = {}
-        for name, lin in ctx.linears.items():
-            w = new.get(f"{name}.weight", weights[f"{name}.weight"])
-            lo, hi = M.clip_range(w, ctx.spec.weight, result[f"clip.{name}.lo"], result[f"clip.{name}.hi"])
-            scale, zero = P.weight_qparams(w, ctx.spec.weight, lo, hi)
-            folded = torch.nn.utils.skip_init(nn.Linear, lin.in_features, lin.out_features,
-                                              bias=lin.bias is not None, device=w.device, dtype=lin.weight.dtype)
-            folded.weight.copy_(w)
-            if lin.bias is not None:
-                folded.bias.copy_(new.get(f"{name}.bias", lin.bias))
-            qlayers[name] = QuantLinear.from_float(folded, ctx.spec.layer, scale, zero)
-        return qlayers
+            block.get_parameter(name).copy_(t)
+
+    @torch.no_grad()
+    def qparams(self, block: nn.Module, ctx: BlockContext,
+                result: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Scale and zero point [N, G] of each linear of a folded block: its learned clipping range."""
+        out = {}
+        for name in ctx.linears:
+            w = block.get_submodule(name).weight.detach().float()
+            lo, hi = M.clip_range(w, ctx.spec.weight, result[f"clip.{name}.lo"].to(w.device),
+                                  result[f"clip.{name}.hi"].to(w.device))
+            out[name] = P.weight_qparams(w, ctx.spec.weight, lo, hi)
+        return out
+
+    @torch.no_grad()
+    def apply(self, ctx: BlockContext, result: dict[str, torch.Tensor]) -> dict[str, QuantLinear]:
+        self.fold(ctx.block, ctx, result)
+        qp = self.qparams(ctx.block, ctx, result)
+        return {name: QuantLinear.from_float(lin, ctx.spec.layer, *qp[name]) for name, lin in ctx.linears.items()}
 
 
 def _groups(ctx: BlockContext):

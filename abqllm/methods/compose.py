@@ -5,6 +5,8 @@ Supported names (registered in abqllm/methods/__init__.py):
     awq                AWQ scales (+ clips), then round-to-nearest
     smoothquant+gptq   SmoothQuant scales, then GPTQ on the transformed weights
     awq+gptq           AWQ scales (+ clips), then GPTQ on the transformed (and clipped) weights
+    abq+gptq           ABQ's trained transforms and compensation folded, then GPTQ rounding with
+                       ABQ's learned clipping ranges as fixed scales and zero points
 The transform always comes first and the rounding last (gptq+awq makes no sense: GPTQ's output is
 already rounded). smoothquant+awq is not offered: both are scalings of the same channels.
 
@@ -25,6 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from abqllm.calib.runner import BlockContext
+from abqllm.methods.abq import ABQ
 from abqllm.methods.awq import AWQ
 from abqllm.methods.gptq import GPTQ
 from abqllm.methods.rtn import RTN
@@ -32,15 +35,23 @@ from abqllm.methods.smoothquant import SmoothQuant
 from abqllm.nn.qlinear import QuantLinear
 from abqllm.spec import QuantSpec
 
-TRANSFORMS = {"smoothquant": SmoothQuant, "awq": AWQ}
+TRANSFORMS = {"smoothquant": SmoothQuant, "awq": AWQ, "abq": ABQ}
 ROUNDINGS = {"rtn": RTN, "gptq": GPTQ}
 
 
 @dataclass(frozen=True)
 class Composed:
     name: str
-    transform: SmoothQuant | AWQ
+    transform: SmoothQuant | AWQ | ABQ
     rounding: RTN | GPTQ
+
+    @property
+    def needs_attention_maps(self) -> bool:
+        return getattr(self.transform, "needs_attention_maps", False)
+
+    def prepare_model(self, model, seed: int) -> None:
+        if hasattr(self.transform, "prepare_model"):
+            self.transform.prepare_model(model, seed)
 
     def needs_data(self, spec: QuantSpec) -> bool:
         return True
@@ -56,6 +67,8 @@ class Composed:
         work = copy.deepcopy(ctx.block)
         self.transform.fold(work, ctx, found)
         inner = dataclasses.replace(ctx, block=work, linears={n: work.get_submodule(n) for n in ctx.linears})
+        if hasattr(self.transform, "qparams"):  # learned ranges (abq): the rounding keeps them
+            return {**found, **self.rounding.calibrate(inner, qparams=self.transform.qparams(work, inner, found))}
         return {**found, **self.rounding.calibrate(inner)}
 
     def apply(self, ctx: BlockContext, result: dict[str, torch.Tensor]) -> dict[str, QuantLinear]:
@@ -77,4 +90,5 @@ def composed(name: str):
         parts = [cls(**{k: v for k, v in options.items() if k in fields[cls]}) for cls in (t_cls, r_cls)]
         return Composed(name, *parts)
 
+    build.presets = getattr(t_cls, "presets", {})  # abq+gptq takes abq's presets
     return build

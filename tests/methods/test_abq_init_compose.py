@@ -1,0 +1,89 @@
+"""ABQ's transform initialisations, its fold (clamped weights reproduce the learned clipping ranges)
+and the abq+gptq composition."""
+import pytest
+import torch
+
+import abqllm
+from abqllm.methods import abq_math as M
+from abqllm.methods import get_method, resolve_preset
+from abqllm.methods.abq import ABQ, _groups
+from abqllm.methods.awq import AWQ
+from abqllm.nn.qlinear import QuantLinear
+from abqllm.quant import primitives as P
+from tests.methods.test_abq import _ctx
+from tests.tiny import make_tiny_llama
+
+
+def _smooth_params(ctx, method):
+    return {k: v for k, v in method.calibrate(ctx).items() if k.startswith("smooth.")}
+
+
+def test_identity_init_starts_at_zero_log_scales():
+    model, _ = make_tiny_llama()
+    params = _smooth_params(_ctx(model, "W4A8"), ABQ(epochs=0, init="identity"))
+    assert params and all(torch.equal(v, torch.zeros_like(v)) for v in params.values())
+
+
+def test_awq_init_starts_at_awq_scales():
+    model, _ = make_tiny_llama()
+    ctx = _ctx(model, "W4A8")
+    ctx.x_fp[..., :3] *= 20  # outliers, so AWQ picks a non-trivial scale
+    ctx.x_q = ctx.x_fp.clone()
+    params = _smooth_params(ctx, ABQ(epochs=0, init="awq"))
+    awq = AWQ(clip=False).search(ctx)
+    assert len(params) == len(awq) > 0
+    for i, g in _groups(ctx):
+        torch.testing.assert_close(params[M.group_key(i)], awq[f"smooth.{g.prev}"].log())
+
+
+def test_unknown_init_is_a_clear_error():
+    model, _ = make_tiny_llama()
+    with pytest.raises(abqllm.AbqError, match="init must be"):
+        ABQ(epochs=0, init="magic").calibrate(_ctx(model, "W4A8"))
+
+
+@pytest.mark.parametrize("scheme", ["W3A16g32", "W4A8", "W2*A16"])
+def test_apply_quantizes_the_folded_weight_on_the_learned_ranges(scheme):
+    model, _ = make_tiny_llama()
+    ctx = _ctx(model, scheme)
+    method = ABQ(epochs=0)
+    result = method.calibrate(ctx)
+    result = {k: (v - 0.7 if k.startswith("clip.") else v) for k, v in result.items()}  # a real clip
+    weights = {n: p.detach().clone() for n, p in ctx.block.named_parameters()}
+    new = method._transformed(ctx, weights, result, _groups(ctx))
+    layers = method.apply(ctx, result)
+    spec = ctx.spec.weight
+    for name, q in layers.items():
+        w = new.get(f"{name}.weight", weights[f"{name}.weight"])
+        lo, hi = M.clip_range(w, spec, result[f"clip.{name}.lo"], result[f"clip.{name}.hi"])
+        scale, zero = P.weight_qparams(w, spec, lo, hi)
+        assert torch.equal(q.scales.float(), scale) and torch.equal(q.zeros.float(), zero)
+        assert torch.equal(q.codes(), P.quantize_weight(w, spec, scale, zero))
+
+
+def test_gptq_keeps_given_qparams():
+    from abqllm.methods.gptq import gptq_quantize
+    from abqllm.spec import WeightSpec
+    torch.manual_seed(0)
+    w, x = torch.randn(16, 64), torch.randn(256, 64)
+    spec = WeightSpec(3, group_size=32)
+    scale, zero = P.weight_qparams(w, spec, *(t * 0.7 for t in P.group_minmax(w, 32)))
+    codes, s2, z2 = gptq_quantize(w, 2 * x.T @ x / 256, spec, act_order=True, qparams=(scale, zero))
+    assert torch.equal(s2, scale) and torch.equal(z2, zero) and codes.max() <= spec.qmax
+
+
+def test_abq_gptq_quantizes_a_model_and_shares_abq_presets():
+    assert resolve_preset("abq+gptq", None, "cpu")[0] == resolve_preset("abq", None, "cpu")[0]
+    m = get_method("abq+gptq", epochs=1, act_order=True, use_attn=True)
+    assert m.needs_attention_maps and m.settings()["rounding"] == "gptq" and m.settings()["epochs"] == 1
+    model, tok = make_tiny_llama()
+    ids = torch.randint(0, 300, (4, 32), generator=torch.Generator().manual_seed(1))
+    ref_model, _ = make_tiny_llama()
+    with torch.no_grad():
+        ref = ref_model(ids).logits
+    abqllm.quantize(model, "W4A16g32", method="abq+gptq", calib_ids=ids, progress=False, epochs=1, batch_size=2)
+    assert sum(isinstance(m, QuantLinear) for m in model.modules()) == 14
+    with torch.no_grad():
+        out = model(ids).logits
+    assert torch.isfinite(out).all()
+    assert (out - ref).pow(2).mean() < 0.1 * ref.pow(2).mean()

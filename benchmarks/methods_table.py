@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
-import resource
 import sys
 import time
 from datetime import datetime, timezone
@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 import abqllm
+from abqllm.calib.memory import peak_mb, reset_peak
 from abqllm.data.sources import calibration_samples, eval_token_ids, load_text
 from abqllm.errors import AbqError
 from abqllm.eval.perplexity import perplexity
@@ -31,21 +32,25 @@ from abqllm.spec import parse_scheme
 CONFIGS = "W4A16,W4A16g64,W3A16g64,W2A16g64,W2*A16,W6A6,W4A8,W4A4,W2A8,W2*A8"
 
 
-def run_one(model_name, method, scheme, opts, ids_eval, text, max_windows, seed):
+def run_one(model_name, method, scheme, opts, ids_eval, text, max_windows, seed, calib_size=None):
     spec = parse_scheme(scheme)
     options, (n, seqlen), preset = resolve_preset(method, None, "cpu")
+    n, seqlen = calib_size or (n, seqlen)
     options.update(opts)
     m = get_method(method, **options)
     model, tok = abqllm.load_model(model_name)
     calib = calibration_samples(tok, text, n, seqlen, seed=seed) if m.needs_data(spec) else None
+    reset_peak(torch.device("cpu"))
     t0 = time.perf_counter()
     report = abqllm.quantize(model, spec, method=method, calib_ids=calib, seed=seed, data=text.name, **options)
     qs = time.perf_counter() - t0
+    quantize_peak = peak_mb(torch.device("cpu"))
     r = perplexity(model, ids_eval, max_windows=max_windows)
     return {"ppl": r.ppl, "tokens": r.tokens, "quantize_s": round(qs, 1), "preset": preset, "settings": m.settings(),
             "calib": [n, seqlen] if calib is not None else None,
             "block_s": [round(b.seconds, 2) for b in report.blocks],
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "block_peak_rss_mb": [round(b.peak_mem_mb, 1) for b in report.blocks if b.peak_mem_mb is not None],
+            "quantize_peak_rss_mb": round(quantize_peak, 1) if quantize_peak is not None else None}
 
 
 def main():
@@ -57,6 +62,8 @@ def main():
     ap.add_argument("--label", default=None, help="row label suffix, e.g. for an ablation")
     ap.add_argument("--max-windows", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--calib", default=None, help="N,L: calibration windows and tokens for every method "
+                                                  "(default: each method's own default / cpu preset)")
     ap.add_argument("--out", default="benchmarks/results")
     a = ap.parse_args()
     opts_by_method = json.loads(a.method_opts)
@@ -68,29 +75,40 @@ def main():
     windows_key = f"w{a.max_windows or 'all'}"
     fkey = f"float|{windows_key}"
     if fkey not in cache["results"]:
-        cache["results"][fkey] = {"ppl": perplexity(model, ids, max_windows=a.max_windows).ppl}
+        cache = _merge_write(cache_path, fkey, {"ppl": perplexity(model, ids, max_windows=a.max_windows).ppl})
     del model
     for method in a.methods.split(","):
         label = method + (f" ({a.label})" if a.label else "")
         for scheme in a.configs.split(","):
             key = f"{label}|{scheme}|{windows_key}"
-            if key in cache["results"]:
+            if cache_path.exists() and key in json.loads(cache_path.read_text())["results"]:
                 continue
             try:
-                res = run_one(a.model, method, scheme, opts_by_method.get(method, {}), ids, text, a.max_windows, a.seed)
+                res = run_one(a.model, method, scheme, opts_by_method.get(method, {}), ids, text, a.max_windows, a.seed,
+                              tuple(int(v) for v in a.calib.split(",")) if a.calib else None)
             except AbqError as e:
                 print(f"skip {label} {scheme}: {e}", flush=True)
                 continue
             res["command"] = "python " + " ".join(sys.argv)
             res["date"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-            cache["results"][key] = res
+            cache = _merge_write(cache_path, key, res)  # other runs may write the same cache meanwhile
             print(f"{label} {scheme}: ppl {res['ppl']:.3f}, {res['quantize_s']} s", flush=True)
-            cache_path.parent.mkdir(parents=True, exist_ok=True)
-            cache_path.write_text(json.dumps(cache, indent=1))
+    cache = json.loads(cache_path.read_text()) if cache_path.exists() else cache
     cache["machine"] = f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
     cache["data"] = {"name": text.name, "split": text.description}
     cache_path.write_text(json.dumps(cache, indent=1))
     write_markdown(cache, cache_path.with_suffix(".md"))
+
+
+def _merge_write(path: Path, key: str, res: dict) -> dict:
+    """Add one result to the cache file as it is on disk now (atomic replace), return the merged cache."""
+    cache = json.loads(path.read_text()) if path.exists() else {"results": {}}
+    cache["results"][key] = res
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(cache, indent=1))
+    os.replace(tmp, path)
+    return cache
 
 
 def write_markdown(cache, path: Path):

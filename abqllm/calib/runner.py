@@ -16,6 +16,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from abqllm.calib.artifacts import ArtifactStore
+from abqllm.calib.memory import peak_mb, reset_peak
 from abqllm.errors import AbqError
 from abqllm.models.arch import ArchSpec, arch_for, block_linears, decoder_blocks
 from abqllm.nn.qlinear import QuantLinear
@@ -197,8 +198,7 @@ def quantize_blocks(model: nn.Module, spec: QuantSpec, method: Method, calib_ids
     reports: list[BlockReport] = []
     for i, block in enumerate(tqdm(blocks, desc=f"{method.name} {spec.name}", disable=not progress, unit="block")):
         t0 = time.perf_counter()
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
+        reset_peak(device)
         prefix = f"{arch.blocks}.{i}"
         block.to(device)
         linears = {n: m for n, m in block_linears(block, arch).items() if not spec.is_skipped(f"{prefix}.{n}")}
@@ -219,6 +219,5 @@ def quantize_blocks(model: nn.Module, spec: QuantSpec, method: Method, calib_ids
         if needs_data:
             x_q, x_fp = ctx.run(block, x_q), y_fp
         block.to(home)
-        peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
-        reports.append(BlockReport(i, time.perf_counter() - t0, peak))
+        reports.append(BlockReport(i, time.perf_counter() - t0, peak_mb(device)))
     return layers, reports

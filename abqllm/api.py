@@ -25,6 +25,7 @@ from abqllm.errors import AbqError
 from abqllm.io.checkpoint import CHECKPOINT_VERSION, QUANT_METHOD, load_quantized
 from abqllm.methods import get_method
 from abqllm.models.hub import is_quantized_checkpoint, load_float_model
+from abqllm.nn.qlinear import QuantLinear
 from abqllm.spec import QuantSpec, parse_scheme
 
 
@@ -49,7 +50,8 @@ def quantize(model: nn.Module, spec: QuantSpec | str, method: str = "rtn", calib
     """
     if isinstance(spec, str):
         spec = parse_scheme(spec)
-    if isinstance(getattr(model.config, "quantization_config", None), dict):
+    if getattr(model.config, "quantization_config", None) is not None or any(
+            isinstance(mod, QuantLinear) for mod in model.modules()):  # ours, or another library's
         raise AbqError("model is already quantized; load the float model to quantize it again")
     m = get_method(method, **method_options)
     store = None
@@ -131,14 +133,44 @@ def model_size_bytes(model: nn.Module) -> int:
 
 
 @torch.no_grad()
-def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 32, chat: bool = False) -> str:
-    """Greedy continuation of `prompt` (or of a one-turn chat when chat=True)."""
+def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 32, chat: bool = False, engine: str = "auto",
+                  temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0) -> str:
+    """Continuation of `prompt` (or of a one-turn chat when chat=True); greedy unless temperature > 0.
+
+    engine: "fast" = the lean decode loop with a static KV cache (abqllm/runtime/cpu_decode.py,
+    Llama-like models), "hf" = model.generate, "auto" = fast on CPU where the model supports it.
+    """
     if chat and getattr(tokenizer, "chat_template", None):
         text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                              add_generation_prompt=True)
     else:
         text = prompt
     enc = tokenizer(text, return_tensors="pt").to(next(model.parameters()).device)
-    out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+    n = enc["input_ids"].shape[1]
+    if _fast_engine(model, engine, n + max_new_tokens):
+        from abqllm.runtime.cpu_decode import CpuDecoder
+
+        eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None) or tokenizer.eos_token_id
+        res = CpuDecoder(model, max_len=n + max_new_tokens).generate(
+            enc["input_ids"][0], max_new_tokens, eos_token_id=eos, do_sample=temperature > 0,
+            temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+        return tokenizer.decode(res.tokens, skip_special_tokens=True)
+    sampling = {"do_sample": False}
+    if temperature > 0:
+        torch.manual_seed(seed)
+        sampling = {"do_sample": True, "temperature": temperature, "top_k": top_k, "top_p": top_p}
+    out = model.generate(**enc, max_new_tokens=max_new_tokens, **sampling,
                          pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
-    return tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    return tokenizer.decode(out[0, n:], skip_special_tokens=True)
+
+
+def _fast_engine(model, engine: str, max_len: int) -> bool:
+    from abqllm.runtime.cpu_decode import supports
+
+    if engine not in ("auto", "fast", "hf"):
+        raise AbqError(f"unknown engine {engine!r}; choose auto, fast or hf")
+    if engine == "hf":
+        return False
+    if engine == "fast":
+        return True  # CpuDecoder names the problem if the model does not fit
+    return next(model.parameters()).device.type == "cpu" and supports(model, max_len) is None

@@ -12,9 +12,17 @@ from pathlib import Path
 
 EPILOG = {
     "quantize": "example: abq quantize --model smollm2-135m --wbits 4 --abits 8 --method rtn --out out/w4a8",
-    "eval": "example: abq eval --model out/w4a8 --json out/w4a8/eval.json",
+    "eval": ("examples: abq eval --model out/w4a8 --json out/w4a8/eval.json   (perplexity);   "
+             "abq eval --model out/w4a8 --tasks abq_lastword,abq_nextsent --limit 100 --json out/w4a8/tasks.json "
+             "(lm-eval tasks; --tasks list shows them all)"),
+    "sweep": ("example: abq sweep --model smollm2-135m --configs 'W8A8,W4A16,W4A8,W3A16,W2*A16,W4A4' --method rtn "
+              "--max-windows 16 --out out/sweep   (table + plot of perplexity against bits per weight and size)"),
     "generate": 'example: abq generate --model out/w4a8 --prompt "The capital of France is"',
+    "bench": "example: abq bench cpu --model smollm2-135m --configs float,W4A8 --json out/bench.json",
+    "bench cpu": ("example: abq bench cpu --model smollm2-135m --configs float,W8A8,W4A16,W4A8,W3A8,W2*A8 "
+                  "--prompt-len 128 --new-tokens 128 --threads 2 --json out/cpu_bench.json"),
     "demo": "example: abq demo   (quantize the default model, evaluate float and quantized, print a table)",
+    "export": "example: abq export --model out/w4a16g64 --format compressed-tensors --out out/w4a16g64-ct",
 }
 
 
@@ -67,19 +75,34 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     q.add_argument("--json", default=None, help="also write the quantization report here")
 
-    e = sub.add_parser("eval", help="perplexity of a float or quantized model", epilog=EPILOG["eval"])
+    e = sub.add_parser("eval", help="perplexity (or lm-eval tasks) of a float or quantized model",
+                       epilog=EPILOG["eval"])
     _common(e)
     _data_args(e)
     e.add_argument("--window", type=int, default=1024, help="tokens per evaluation window (default 1024)")
     e.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows")
     e.add_argument("--kernel", default="auto", help="linear kernel for quantized layers: auto, torch, reference")
     e.add_argument("--json", default=None, help="write results here (ppl, tokens, window, data, ...)")
+    e.add_argument("--tasks", default=None,
+                   help="lm-eval tasks instead of perplexity, comma-separated: abq_lastword, abq_nextsent (local, "
+                        "from the evaluation text) or any lm-eval task (hellaswag, arc_easy ...: need the hub); "
+                        "'list' prints them")
+    e.add_argument("--limit", type=int, default=None, help="lm-eval: only the first N examples of each task")
+    e.add_argument("--num-fewshot", type=int, default=None, help="lm-eval: few-shot examples (default: the task's)")
+    e.add_argument("--batch-size", type=int, default=1, help="lm-eval: batch size (default 1)")
 
     g = sub.add_parser("generate", help="greedy text generation", epilog=EPILOG["generate"])
     _common(g)
     g.add_argument("--prompt", required=True)
     g.add_argument("--max-new-tokens", type=int, default=32)
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    g.add_argument("--engine", default="auto",
+                   help="fast (lean decode loop, static KV cache), hf (model.generate) or auto (fast on CPU "
+                        "where the architecture allows; default)")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
+    g.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = all)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (1 = off)")
+    g.add_argument("--seed", type=int, default=0, help="sampling seed")
 
     d = sub.add_parser("demo", help="the main job on the default model: quantize, evaluate, compare",
                        epilog=EPILOG["demo"])
@@ -88,7 +111,62 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--method", default="rtn")
     d.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows")
     d.add_argument("--out", default="out/demo", help="where checkpoints and results.json go")
+
+    x = sub.add_parser("export", help="write an abqllm checkpoint in another format (compressed-tensors, for vLLM)",
+                       epilog=EPILOG["export"])
+    x.add_argument("--model", required=True, help="abqllm checkpoint folder (from abq quantize)")
+    x.add_argument("--format", required=True, choices=["compressed-tensors"], help="output format")
+    x.add_argument("--out", required=True, help="output folder")
+    x.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    x.add_argument("--json", default=None, help="also write the export report here")
+    _bench_args(sub)
+
+    w = sub.add_parser("sweep", help="quantize at several schemes, evaluate each, table + plot of ppl against size",
+                       epilog=EPILOG["sweep"])
+    _common(w, model_default="smollm2-135m")
+    w.add_argument("--configs", default="W8A8,W4A16,W4A8,W3A16,W2*A16,W4A4",
+                   help="comma-separated schemes: W8A8, W4A16g64, W2*A16 ... (default W8A8,W4A16,W4A8,W3A16,W2*A16,W4A4)")
+    w.add_argument("--method", default="abq", help="calibration method: rtn, abq, gptq, ... (default abq)")
+    w.add_argument("--preset", default=None, help="abq: cpu, paper or paper-long (default: cpu on a CPU, paper on a GPU)")
+    w.add_argument("--method-opt", action="append", default=[], metavar="KEY=VALUE", help="method option, repeatable")
+    _data_args(w)
+    w.add_argument("--calib-samples", type=int, default=None, help="calibration windows (default: per method/preset)")
+    w.add_argument("--calib-seqlen", type=int, default=None, help="tokens per calibration window (default: per method/preset)")
+    w.add_argument("--seed", type=int, default=0, help="seed for calibration sampling")
+    w.add_argument("--window", type=int, default=1024, help="tokens per evaluation window (default 1024)")
+    w.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows")
+    w.add_argument("--out", default=None, help="results folder (default out/sweep_MODEL_METHOD); finished cells "
+                                               "cached there are not computed again")
+    w.add_argument("--keep-checkpoints", action="store_true", help="keep each configuration's checkpoint in OUT/work")
     return parser
+
+
+def _bench_args(sub):
+    from abqllm.runtime.bench import DEFAULT_CONFIGS, DEFAULT_GGUF_FORMATS
+
+    b = sub.add_parser("bench", help="speed and memory benchmarks", epilog=EPILOG["bench"])
+    targets = b.add_subparsers(dest="target", required=True, parser_class=_Parser)
+    c = targets.add_parser("cpu", help="prefill/decode tokens/s and peak memory on CPU, batch 1, vs llama.cpp",
+                           epilog=EPILOG["bench cpu"])
+    c.add_argument("--model", default="smollm2-135m", help="built-in name, local float folder or hub id")
+    c.add_argument("--configs", default=DEFAULT_CONFIGS,
+                   help="comma-separated: float, schemes quantized with RTN on the fly (W4A8, W2*A8, W4A16g64; "
+                        "append +lm_head to quantize the output layer too), abqllm checkpoint folders, or none "
+                        "(llama.cpp only) "
+                        f"(default {DEFAULT_CONFIGS})")
+    c.add_argument("--prompt-len", type=int, default=128, help="prompt tokens (default 128)")
+    c.add_argument("--new-tokens", type=int, default=128, help="generated tokens (default 128)")
+    c.add_argument("--threads", type=int, default=2, help="threads for torch and llama.cpp (default 2)")
+    c.add_argument("--runs", type=int, default=3, help="timed runs after one warm-up; medians reported (default 3)")
+    c.add_argument("--engine", default="fast", help="fast (default) or hf (model.generate), for comparison")
+    c.add_argument("--kernel", default="auto", help="linear kernel for quantized layers (default auto)")
+    c.add_argument("--llama-cpp", default="auto",
+                   help="auto: also run llama.cpp when llama-cpp-python is installed (default); on; off")
+    c.add_argument("--gguf", default=None, help="GGUF of the same model (default: the file smollm2-135m ships as)")
+    c.add_argument("--gguf-formats", default=DEFAULT_GGUF_FORMATS,
+                   help=f"llama.cpp formats requantized from the GGUF (default {DEFAULT_GGUF_FORMATS})")
+    c.add_argument("--work", default="out/bench-cpu", help="where RTN checkpoints and GGUF variants are kept")
+    c.add_argument("--json", default=None, help="write the results here")
 
 
 def _device(arg: str | None) -> str:
@@ -158,7 +236,7 @@ def cmd_quantize(a) -> dict:
     options.update(_parse_method_opts(a.method_opt))
     method = get_method(a.method, **options)
     model, tok = abqllm.load_model(a.model, device="cpu")
-    if isinstance(getattr(model.config, "quantization_config", None), dict):
+    if getattr(model.config, "quantization_config", None) is not None:
         raise abqllm.AbqError(f"{a.model} is already quantized; quantize the float model instead")
     calib, data_name = None, None
     if method.needs_data(spec):
@@ -206,9 +284,36 @@ def evaluate(model_name: str, data: str | None, window: int, max_windows: int | 
 
 
 def cmd_eval(a) -> dict:
+    if a.tasks:
+        return _eval_tasks(a)
     r = evaluate(a.model, a.data, a.window, a.max_windows, _device(a.device), a.kernel)
     print(f"{a.model}: perplexity {r['ppl']:.4f} over {r['tokens']} tokens ({r['windows']} windows of "
           f"{r['window']}) on {r['data']}")
+    _write_json(a.json, r)
+    return r
+
+
+def _eval_tasks(a) -> dict:
+    import abqllm
+    from abqllm.eval import harness
+    from abqllm.nn.qlinear import QuantLinear
+
+    if a.tasks.strip() == "list":
+        print("\n".join(harness.available_tasks()))
+        return {}
+    names = [t.strip() for t in a.tasks.split(",") if t.strip()]
+    manager = harness.task_manager(names)
+    tasks = harness.load_tasks(harness.resolve_tasks(names, manager), manager)  # before loading the model
+    model, tok = abqllm.load_model(a.model, device=_device(a.device))
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            m.kernel = a.kernel
+    r = harness.run_tasks(model, tok, tasks, limit=a.limit, num_fewshot=a.num_fewshot, batch_size=a.batch_size,
+                          manager=manager)
+    qc = getattr(model.config, "quantization_config", None)
+    r = {"model": a.model, "scheme": qc["spec"] if isinstance(qc, dict) else "float",
+         "method": qc.get("method") if isinstance(qc, dict) else None, "tasks": names, **r}
+    print(harness.format_table(r))
     _write_json(a.json, r)
     return r
 
@@ -217,9 +322,25 @@ def cmd_generate(a) -> dict:
     import abqllm
 
     model, tok = abqllm.load_model(a.model, device=_device(a.device))
-    text = abqllm.generate_text(model, tok, a.prompt, a.max_new_tokens, chat=a.chat)
+    text = abqllm.generate_text(model, tok, a.prompt, a.max_new_tokens, chat=a.chat, engine=a.engine,
+                                temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed)
     print(a.prompt + text)
     return {"prompt": a.prompt, "completion": text}
+
+
+def cmd_bench(a) -> dict:
+    from abqllm.runtime.bench import BenchSettings, format_table, run_cpu_bench
+
+    s = BenchSettings(model=a.model, configs=a.configs, prompt_len=a.prompt_len, new_tokens=a.new_tokens,
+                      threads=a.threads, runs=a.runs, engine=a.engine, kernel=a.kernel, work=a.work,
+                      llama_cpp=a.llama_cpp, gguf=a.gguf, gguf_formats=a.gguf_formats)
+    result = run_cpu_bench(s, log=lambda msg: print(msg, flush=True))
+    result["command"] = (f"abq bench cpu --model {a.model} --configs '{a.configs}' --prompt-len {a.prompt_len} "
+                         f"--new-tokens {a.new_tokens} --threads {a.threads} --runs {a.runs} --engine {a.engine} "
+                         f"--llama-cpp {a.llama_cpp} --gguf-formats {a.gguf_formats}")
+    print(format_table(result))
+    _write_json(a.json, result)
+    return result
 
 
 def cmd_demo(a) -> dict:
@@ -253,7 +374,37 @@ def cmd_demo(a) -> dict:
     return result
 
 
-COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "generate": cmd_generate, "demo": cmd_demo}
+def cmd_sweep(a) -> dict:
+    from abqllm.sweep import SweepSettings, run_sweep
+
+    configs = tuple(c.strip() for c in a.configs.split(",") if c.strip())
+    out = a.out or f"out/sweep_{Path(a.model).name}_{a.method}"
+    s = SweepSettings(model=a.model, configs=configs, method=a.method, preset=a.preset,
+                      method_opts=_parse_method_opts(a.method_opt), data=a.data, calib_samples=a.calib_samples,
+                      calib_seqlen=a.calib_seqlen, seed=a.seed, window=a.window, max_windows=a.max_windows,
+                      device=_device(a.device), out=out, keep_checkpoints=a.keep_checkpoints)
+    result = run_sweep(s, log=lambda msg: print(msg, flush=True))
+    print((Path(out) / "sweep.md").read_text())
+    print(f"wrote {out}/sweep.csv, sweep.json, sweep.md and sweep.png")
+    return result
+
+
+def cmd_export(a) -> dict:
+    from dataclasses import asdict
+
+    from abqllm.export.compressed_tensors import export_compressed_tensors
+
+    report = asdict(export_compressed_tensors(a.model, a.out, overwrite=a.overwrite))
+    print(f"exported {a.model} to {report['out']} ({a.format}, {', '.join(report['formats'])}): "
+          + "; ".join(f"{scheme} x{len(names)}" for scheme, names in report["schemes"].items()))
+    for note in report["notes"]:
+        print(f"note: {note}")
+    _write_json(a.json, report)
+    return report
+
+
+COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "generate": cmd_generate, "demo": cmd_demo,
+            "export": cmd_export, "bench": cmd_bench, "sweep": cmd_sweep}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,6 +14,7 @@ match the layers the config describes.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -64,27 +65,21 @@ def _unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_quantized(model: nn.Module, tokenizer, out: str | Path, overwrite: bool = False) -> Path:
-    """Write `model` (quantized in place by abqllm.quantize) to `out` atomically."""
-    qc = getattr(model.config, "quantization_config", None)
-    if not isinstance(qc, dict) or qc.get("quant_method") != QUANT_METHOD:
-        raise AbqError("model is not quantized by abqllm (no quantization_config); run abqllm.quantize first")
+@contextlib.contextmanager
+def atomic_dir(out: str | Path, overwrite: bool = False):
+    """Yield an empty hidden folder beside `out`; when the block ends normally it becomes `out`.
+
+    An existing `out` is refused unless overwrite, and is replaced only after the new folder is
+    complete: an exception or Ctrl-C inside the block removes the temporary folder and leaves `out`
+    as it was. Write config.json last, so that a folder without it is never taken for a model.
+    """
     out = check_output_dir(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir()
-        save_file(_unique_state_dict(model), tmp / WEIGHTS, metadata={"format": "pt", "quant_method": QUANT_METHOD})
-        files = {WEIGHTS: {"bytes": (tmp / WEIGHTS).stat().st_size, "sha256": sha256_file(tmp / WEIGHTS)}}
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        if getattr(model, "generation_config", None) is not None:
-            model.generation_config.save_pretrained(tmp)
-        config = model.config.to_dict()
-        config["quantization_config"] = {**qc, "files": files}
-        # config.json last: a folder without it is never taken for a model.
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str))
+        yield tmp
         if out.exists():
             trash = out.parent / f".{out.name}.old-{os.getpid()}"
             os.rename(out, trash)
@@ -95,7 +90,27 @@ def save_quantized(model: nn.Module, tokenizer, out: str | Path, overwrite: bool
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out
+
+
+def save_quantized(model: nn.Module, tokenizer, out: str | Path, overwrite: bool = False) -> Path:
+    """Write `model` (quantized in place by abqllm.quantize) to `out` atomically."""
+    qc = getattr(model.config, "quantization_config", None)
+    if not isinstance(qc, dict) or qc.get("quant_method") != QUANT_METHOD:
+        raise AbqError("model is not quantized by abqllm (no quantization_config); run abqllm.quantize first")
+    with atomic_dir(out, overwrite) as tmp:
+        save_file(_unique_state_dict(model), tmp / WEIGHTS, metadata={"format": "pt", "quant_method": QUANT_METHOD})
+        files = {WEIGHTS: {"bytes": (tmp / WEIGHTS).stat().st_size, "sha256": sha256_file(tmp / WEIGHTS)}}
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tmp)
+        config = model.config.to_dict()
+        if config.get("dtype") is None:  # else from_pretrained(dtype="auto") takes the first float tensor's (scales)
+            config["dtype"] = str(next(p.dtype for p in model.parameters() if p.is_floating_point())).split(".")[-1]
+        config["quantization_config"] = {**qc, "files": files}
+        # config.json last: a folder without it is never taken for a model.
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str))
+    return Path(out)
 
 
 def read_quantization_config(folder: Path) -> dict:

@@ -128,3 +128,12 @@ def linear_dequant(layer, x: torch.Tensor) -> torch.Tensor:
         sx, zx = layer.act_qparams(x)
         xq = P.fake_quant_act(x, layer.spec.act, sx, zx)
     return torch.nn.functional.linear(xq, layer.dequantized_weight(x.dtype), layer.bias)
+
+
+@register("act_quant", "reference", priority=0, supports=lambda layer, device: not layer.spec.act.is_float)
+def act_quant_reference(layer, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [..., K] -> (codes uint8 [M, K], scale f32 [M], zero f32 [M]) of the layer's activation quantizer."""
+    x2 = x.reshape(-1, x.shape[-1])
+    s, z = layer.act_qparams(x2)
+    s, z = s.float().expand(x2.shape[0], 1), z.float().expand(x2.shape[0], 1)
+    return P.quantize_act(x2, layer.spec.act, s, z).to(torch.uint8), s.reshape(-1).clone(), z.reshape(-1).clone()

@@ -134,7 +134,10 @@ class ABQ:
         stats, sq = _input_stats(ctx, list(dict.fromkeys([*ctx.linears, *(g.linears[0] for _, g in groups)])))
         if self.smooth:
             dims = attention_dims(ctx.block.get_submodule(ctx.arch.attn).config)
-            awq = AWQ(clip=False).search(ctx) if self._init_kind(ctx) == "awq" else {}
+            # With quantized activations AWQ's loss runs every sampled token through each ratio
+            # (no Gram shortcut): 2,048 rows keep the init to seconds per block on a CPU.
+            tokens = AWQ.search_tokens if ctx.spec.act.is_float else 2048
+            awq = AWQ(clip=False, search_tokens=tokens).search(ctx) if self._init_kind(ctx) == "awq" else {}
             for i, g in groups:
                 x_max = stats[g.linears[0]]
                 w_max = torch.cat([weights[f"{l}.weight"] for l in g.linears]).abs().amax(0)

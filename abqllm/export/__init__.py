@@ -1,0 +1,1 @@
+"""Writers for other checkpoint formats (compressed-tensors, for vLLM)."""

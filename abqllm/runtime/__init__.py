@@ -1,0 +1,1 @@
+"""Inference runtimes: the lean CPU decode loop and the CPU benchmark harness."""

@@ -28,7 +28,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-import abqllm
 from abqllm.kernels import cpu
 from abqllm.kernels.reference import linear_dequant
 from abqllm.nn import QuantLinear

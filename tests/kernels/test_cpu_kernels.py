@@ -162,6 +162,36 @@ def test_act_quant_matches_primitives_bit_for_bit():
             assert torch.equal(codes, ref_codes) and torch.equal(sx, ref_s) and torch.equal(zx, ref_z)
 
 
+def near_ties(rows: int, seed: int) -> torch.Tensor:
+    """Rows whose values sit on and one ulp around the rounding ties x / s = k + 1/2 for an inexact 8-bit scale:
+    a kernel that multiplies by 1/s, or rounds half away from zero, gets some codes wrong here."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(rows):
+        lo, hi = -float(torch.rand(1, generator=g)) * 3 - 0.1, float(torch.rand(1, generator=g)) * 5 + 0.1
+        s, _ = P.act_qparams(torch.tensor([[lo, hi]]), ActSpec(8))
+        z = torch.round(torch.tensor(-lo) / s.reshape(()))
+        t = ((torch.arange(255, dtype=torch.float32) + 0.5 - z) * s.reshape(())).float()
+        row = torch.cat([torch.tensor([lo, hi]), t, torch.nextafter(t, t + 1), torch.nextafter(t, t - 1)])
+        out.append(row[torch.randperm(row.numel(), generator=g)])  # lo, hi stay the row's min and max
+    return torch.stack(out)
+
+
+def test_act_quant_exact_near_ties():
+    x = near_ties(6, seed=0)
+    spec = ActSpec(8)
+    s, z = P.act_qparams(x, spec)
+    u = P.quantize_act(x, spec, s, z)
+    for isa in isas():
+        codes, sx, zx = torch.ops.abqllm_cpu.act_quant.default(x, 8, False, None, None, isa)
+        assert torch.equal(sx, s.reshape(-1)) and torch.equal(zx, z.reshape(-1))
+        assert torch.equal(codes.float(), u), f"isa{isa}: {(codes.float() != u).sum().item()} codes differ"
+    layer = make_layer(4, False, 32, 8, 16, x.shape[1], seed=1)  # and through the linear kernels
+    ref = linear_reference(layer, x.double())
+    for isa in isas():
+        check_close(run(layer, x, isa), ref, "int", f"isa{isa}")
+
+
 def test_static_act_quant_matches_primitives():
     layer = make_layer(4, False, 0, 8, 4, 64, static=True)
     x = random_x(5, 64, seed=3) * 3  # beyond the calibrated range: clamps

@@ -1,8 +1,8 @@
 """CPU kernels for packed weights: the `linear` op straight from the checkpoint's packed codes, and `act_quant`.
 
 A small C++ extension (`abq_cpu_*.cpp`, see `abq_cpu.h` for the layouts and arithmetic) built at first use
-with torch.utils.cpp_extension (g++ and ninja; ~20-50 s once) into $ABQLLM_CACHE or ~/.cache/abqllm, keyed
-by the sources, compiler, torch and Python versions. Instruction sets are chosen at run time: AVX2+FMA+F16C
+with torch.utils.cpp_extension (g++ and ninja; 1-2 minutes once on 2 busy cores) into $ABQLLM_CACHE or
+~/.cache/abqllm, keyed by the sources, flags, compiler name, torch and Python versions. Instruction sets are chosen at run time: AVX2+FMA+F16C
 where the CPU has them, else portable scalar code (`ABQLLM_CPU_ISA=scalar|avx2` forces one). If the build
 fails, one warning is logged and `auto` keeps using the `torch` path. `ABQLLM_CPU_KERNELS=0` turns them off.
 
@@ -12,7 +12,8 @@ that are a multiple of 32 (a shorter last group is fine), any M, N, K; activatio
 fp16; computed in fp32) or A2..A8 (dynamic per token or static per tensor, symmetric or not, quantized in
 C++ exactly as quant/primitives.py does). No copy of the weights is made or cached: every call reads qweight.
 Inputs that need gradients, and float64 inputs, go through the `torch` path (same values; autograd and
-float64 arithmetic live there). Threads: torch's intra-op pool (torch.set_num_threads).
+float64 arithmetic live there). Threads: torch's intra-op pool (torch.set_num_threads). Layout, arithmetic
+and measurements: docs/kernels.md, section "CPU kernels".
 """
 
 from __future__ import annotations
@@ -38,7 +39,6 @@ HEADERS = [HERE / "abq_cpu.h"]
 CFLAGS = ["-O3", "-fopenmp", "-fno-math-errno", "-Wno-psabi"]
 LDFLAGS = ["-fopenmp"]
 ISA = {"auto": 0, "scalar": 1, "avx2": 2}
-ISA_NAMES = {1: "scalar", 2: "avx2"}
 # Float path (A16): from this many tokens on, dequantize per call and use torch's matmul (measured:
 # benchmarks/cpu_kernels.py; see docs/kernels.md). 0 = never.
 MM_FROM_M = 16
@@ -105,7 +105,7 @@ def _loaded() -> bool:
         return False
     try:
         if not _ops_registered():
-            log.info("building the CPU kernels (first use; cached in %s)", _cache_dir())
+            log.info("building the CPU kernels (first use, 1-2 minutes; cached in %s)", _cache_dir())
             build()
         _register_fake()
         _OPS.isa = _isa_from_env()

@@ -51,7 +51,7 @@ def quantize(model: nn.Module, spec: QuantSpec | str, method: str = "rtn", calib
     if isinstance(spec, str):
         spec = parse_scheme(spec)
     if getattr(model.config, "quantization_config", None) is not None or any(
-            isinstance(mod, QuantLinear) for mod in model.modules()):  # ours, or another library's
+            isinstance(mod, QuantLinear) for mod in model.modules()):  # any library's config, or our layers
         raise AbqError("model is already quantized; load the float model to quantize it again")
     m = get_method(method, **method_options)
     store = None

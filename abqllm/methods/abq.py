@@ -60,6 +60,10 @@ class ABQ:
     rotate: bool = False         # rotate the residual stream first (QuaRot-style), see rotation.py
     presets: ClassVar[dict] = PRESETS
 
+    def __post_init__(self):
+        if self.init not in ("auto", "smoothquant", "identity", "awq"):
+            raise AbqError(f"abq init must be auto, smoothquant, identity or awq, got {self.init!r}")
+
     def needs_data(self, spec: QuantSpec) -> bool:
         return True
 
@@ -163,25 +167,18 @@ class ABQ:
         return params
 
     def _init_kind(self, ctx: BlockContext) -> str:
-        if self.init not in ("auto", "smoothquant", "identity", "awq"):
-            raise AbqError(f"abq init must be auto, smoothquant, identity or awq, got {self.init!r}")
-        if self.init != "auto":
-            return self.init
-        # Weight-only: smoothing by activation range moves difficulty into the weights, the wrong
-        # way; AWQ's searched scales start where the weight error is already low. With quantized
-        # activations the same search also weighs the activation error (awq.search_scale).
-        return "awq"
+        # auto = awq: for weight-only, smoothing by activation range moves difficulty into the
+        # weights (the wrong way) while AWQ's searched scales start where the weight error is low;
+        # with quantized activations the same search also weighs the activation error.
+        return "awq" if self.init == "auto" else self.init
 
     def _init_smooth(self, ctx, group, x_max, w_max, awq: dict) -> torch.Tensor:
         """log-scale [prev out] of one LinearGroup at the start of training."""
         kind = self._init_kind(ctx)
-        if kind == "identity":
-            return torch.zeros_like(x_max)
-        if kind == "awq" and f"smooth.{group.prev}" in awq:
-            return awq[f"smooth.{group.prev}"].to(x_max.device).float().log()
-        if kind == "awq":  # AWQ searched no scale here (its linears are all skipped)
-            return torch.zeros_like(x_max)
-        return M.smooth_init(x_max, w_max, self.alpha)
+        if kind == "smoothquant":
+            return M.smooth_init(x_max, w_max, self.alpha)
+        s = awq.get(f"smooth.{group.prev}") if kind == "awq" else None  # None: identity, or AWQ skipped it
+        return torch.zeros_like(x_max) if s is None else s.to(x_max.device).float().log()
 
     def _transformed(self, ctx: BlockContext, weights, params, groups) -> dict[str, torch.Tensor]:
         dims = attention_dims(ctx.block.get_submodule(ctx.arch.attn).config)

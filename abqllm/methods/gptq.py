@@ -145,7 +145,8 @@ class GPTQ:
     percdamp: float = 0.01
     block_size: int = 128
     # On by default (as GPTQModel's desc_act): SmolLM2's input channels have outliers up to 50,000x
-    # the median of diag(H), and GPTQ without it barely beats RTN there (W4A16: 32.2 vs 28.3 ppl).
+    # the median of diag(H), and GPTQ without it barely beats RTN there (W4A16, 4 windows: 32.15 vs
+    # 28.29 with it, RTN 35.60; benchmarks/results/abq_dev_runs.md and methods_smollm2-135m.json).
     act_order: bool = True
     static_groups: bool = False  # implied by act_order when there are groups
     sequential: bool = True      # groups in forward order, later ones reading quantized earlier ones

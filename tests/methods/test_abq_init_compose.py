@@ -36,10 +36,9 @@ def test_awq_init_starts_at_awq_scales():
         torch.testing.assert_close(params[M.group_key(i)], awq[f"smooth.{g.prev}"].log())
 
 
-def test_unknown_init_is_a_clear_error():
-    model, _ = make_tiny_llama()
+def test_unknown_init_is_a_clear_error_before_any_work():
     with pytest.raises(abqllm.AbqError, match="init must be"):
-        ABQ(epochs=0, init="magic").calibrate(_ctx(model, "W4A8"))
+        get_method("abq", init="magic")
 
 
 @pytest.mark.parametrize("scheme", ["W3A16g32", "W4A8", "W2*A16"])

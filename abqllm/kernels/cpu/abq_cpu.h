@@ -123,6 +123,24 @@ static inline float half_to_float(uint16_t h) {
   return f;
 }
 
+// Per-token activation scale and zero point from the row's min and max, exactly as
+// quant/primitives.py computes them in float32 (round half to even, like torch.round).
+static inline void act_qparams_from_range(float lo, float hi, const ActQuant& a, float* s, float* z) {
+  if (a.symmetric) {
+    const float alo = __builtin_fabsf(lo), ahi = __builtin_fabsf(hi);
+    const float half = (float)(1 << (a.bits - 1));
+    const float scale = (alo > ahi ? alo : ahi) / (half - 1.0f);
+    *s = scale > 1e-8f ? scale : 1e-8f;
+    *z = half;
+    return;
+  }
+  lo = lo < 0.f ? lo : 0.f;
+  hi = hi > 0.f ? hi : 0.f;
+  const float scale = (hi - lo) / (float)((1 << a.bits) - 1);
+  *s = scale > 1e-8f ? scale : 1e-8f;
+  *z = __builtin_nearbyintf(-lo / *s);
+}
+
 // The number of real (not padded) columns of group g.
 static inline int64_t group_cols(int64_t K, int64_t group_size, int64_t g) {
   if (group_size == 0) return K;

@@ -295,45 +295,31 @@ ABQ_INLINE void finish_float(const LinearArgs& L, int64_t n, int64_t m, float v)
 
 // ---- M <= 4: expand in registers, multiply at once ------------------------------------------------
 
-// u8 activation codes x s8 (w - z_w), storage bits <= 6.
-template <int B, int T>
-void fused_s8(const LinearArgs& L, const Expand<B>& ex, int64_t n, const float* sw, float wc) {
+// u8 activation codes x s8 weight runs (w - z_w, storage bits <= 6) over all groups of one output
+// row for T token rows: weight_run(g) gives a per-group functor r -> 32 signed weights of run r.
+// Pair sums are kept in int16 for at most R16 runs (no overflow), then widened to int32.
+template <int B, int T, typename WeightRuns>
+ABQ_INLINE void dot_groups_s8(const LinearArgs& L, const uint8_t* (&xs)[T], const float* sw,
+                              __m256 (&facc)[T], WeightRuns&& weight_run) {
   constexpr int R16 = 32767 / (2 * 255 * ((1 << B) - 1));  // runs summed in int16 before widening
   static_assert(R16 >= 1, "u8 x s8 pair sums must fit int16");
-  const RowReader<B> rd(L, n);
-  const uint8_t* xs[T];
-  for (int t = 0; t < T; t++) xs[t] = L.q8 + t * L.Kpad;
   const __m256i ones = _mm256_set1_epi16(1);
   const bool one_chunk = L.group_size > 0 && L.group_size / 32 <= R16;  // a group's int16 sums cannot overflow
-  __m256 facc[T];
   for_groups<T>(L.G, facc, [&](int64_t g, __m256 (&fa)[T]) ABQ_INLINE_LAMBDA {
     int64_t r0, r1;
     group_runs(L, g, &r0, &r1);
-    const __m256i z8 = _mm256_set1_epi8((char)L.zeros[n * L.G + g]);
+    const auto wrun = weight_run(g);
     const __m256 vs = _mm256_set1_ps(sw[g]);
-    if (one_chunk) {
-      __m256i a16[T];
-      for (int t = 0; t < T; t++) a16[t] = _mm256_setzero_si256();
-      for (int64_t r = r0; r < r1; r++) {
-        const __m256i w = _mm256_sub_epi8(ex(rd.run(r)), z8);
-        for (int t = 0; t < T; t++)
-          a16[t] = _mm256_add_epi16(a16[t],
-                                    _mm256_maddubs_epi16(_mm256_loadu_si256((const __m256i*)(xs[t] + r * 32)), w));
-      }
-      for (int t = 0; t < T; t++)
-        fa[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(a16[t], ones)), vs, fa[t]);
-      return;
-    }
-    for (int64_t s = r0; s < r1; s += SEG_RUNS) {
-      const int64_t e = min64(s + SEG_RUNS, r1);
+    for (int64_t s = r0; s < r1; s += (one_chunk ? r1 - r0 : SEG_RUNS)) {
+      const int64_t e = one_chunk ? r1 : min64(s + SEG_RUNS, r1);
       __m256i acc[T];
       for (int t = 0; t < T; t++) acc[t] = _mm256_setzero_si256();
       for (int64_t r = s; r < e;) {
-        const int64_t c = min64(R16, e - r);
+        const int64_t c = one_chunk ? e - r : min64(R16, e - r);
         __m256i a16[T];
         for (int t = 0; t < T; t++) a16[t] = _mm256_setzero_si256();
         for (int64_t i = 0; i < c; i++, r++) {
-          const __m256i w = _mm256_sub_epi8(ex(rd.run(r)), z8);
+          const __m256i w = wrun(r);
           for (int t = 0; t < T; t++)
             a16[t] = _mm256_add_epi16(a16[t],
                                       _mm256_maddubs_epi16(_mm256_loadu_si256((const __m256i*)(xs[t] + r * 32)), w));
@@ -342,6 +328,19 @@ void fused_s8(const LinearArgs& L, const Expand<B>& ex, int64_t n, const float* 
       }
       for (int t = 0; t < T; t++) fa[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[t]), vs, fa[t]);
     }
+  });
+}
+
+// M <= 4: packed runs expanded in registers.
+template <int B, int T>
+void fused_s8(const LinearArgs& L, const Expand<B>& ex, int64_t n, const float* sw, float wc) {
+  const RowReader<B> rd(L, n);
+  const uint8_t* xs[T];
+  for (int t = 0; t < T; t++) xs[t] = L.q8 + t * L.Kpad;
+  __m256 facc[T];
+  dot_groups_s8<B, T>(L, xs, sw, facc, [&](int64_t g) {
+    const __m256i z8 = _mm256_set1_epi8((char)L.zeros[n * L.G + g]);
+    return [&rd, &ex, z8](int64_t r) ABQ_INLINE_LAMBDA { return _mm256_sub_epi8(ex(rd.run(r)), z8); };
   });
   for (int t = 0; t < T; t++) finish_int(L, n, t, facc[t], wc);
 }
@@ -472,50 +471,14 @@ inline void expand_row_f32(const LinearArgs& L, const F32Codes<B>& dec, int64_t 
   }
 }
 
+// Larger M: weights expanded once per row tile into int8 (w - z_w) by the caller.
 template <int B, int T>
 void dot_s8(const LinearArgs& L, int64_t n, int64_t m0, const int8_t* w, const float* sw, float wc) {
-  constexpr int R16 = 32767 / (2 * 255 * ((1 << B) - 1));
-  static_assert(R16 >= 1, "u8 x s8 pair sums must fit int16");
   const uint8_t* xs[T];
   for (int t = 0; t < T; t++) xs[t] = L.q8 + (m0 + t) * L.Kpad;
-  const __m256i ones = _mm256_set1_epi16(1);
-  const bool one_chunk = L.group_size > 0 && L.group_size / 32 <= R16;
   __m256 facc[T];
-  for_groups<T>(L.G, facc, [&](int64_t g, __m256 (&fa)[T]) ABQ_INLINE_LAMBDA {
-    int64_t r0, r1;
-    group_runs(L, g, &r0, &r1);
-    const __m256 vs = _mm256_set1_ps(sw[g]);
-    if (one_chunk) {
-      __m256i a16[T];
-      for (int t = 0; t < T; t++) a16[t] = _mm256_setzero_si256();
-      for (int64_t r = r0; r < r1; r++) {
-        const __m256i wv = _mm256_loadu_si256((const __m256i*)(w + r * 32));
-        for (int t = 0; t < T; t++)
-          a16[t] = _mm256_add_epi16(a16[t],
-                                    _mm256_maddubs_epi16(_mm256_loadu_si256((const __m256i*)(xs[t] + r * 32)), wv));
-      }
-      for (int t = 0; t < T; t++)
-        fa[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(a16[t], ones)), vs, fa[t]);
-      return;
-    }
-    for (int64_t s = r0; s < r1; s += SEG_RUNS) {
-      const int64_t e = min64(s + SEG_RUNS, r1);
-      __m256i acc[T];
-      for (int t = 0; t < T; t++) acc[t] = _mm256_setzero_si256();
-      for (int64_t r = s; r < e;) {
-        const int64_t c = min64(R16, e - r);
-        __m256i a16[T];
-        for (int t = 0; t < T; t++) a16[t] = _mm256_setzero_si256();
-        for (int64_t i = 0; i < c; i++, r++) {
-          const __m256i wv = _mm256_loadu_si256((const __m256i*)(w + r * 32));
-          for (int t = 0; t < T; t++)
-            a16[t] = _mm256_add_epi16(
-                a16[t], _mm256_maddubs_epi16(_mm256_loadu_si256((const __m256i*)(xs[t] + r * 32)), wv));
-        }
-        for (int t = 0; t < T; t++) acc[t] = _mm256_add_epi32(acc[t], _mm256_madd_epi16(a16[t], ones));
-      }
-      for (int t = 0; t < T; t++) fa[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[t]), vs, fa[t]);
-    }
+  dot_groups_s8<B, T>(L, xs, sw, facc, [w](int64_t) {
+    return [w](int64_t r) ABQ_INLINE_LAMBDA { return _mm256_loadu_si256((const __m256i*)(w + r * 32)); };
   });
   for (int t = 0; t < T; t++) finish_int(L, n, m0 + t, facc[t], wc);
 }
@@ -661,20 +624,7 @@ void act_row_qparams(const float* x, int64_t K, const ActQuant& a, float* s, flo
     lo = x[k] < lo ? x[k] : lo;
     hi = x[k] > hi ? x[k] : hi;
   }
-  if (a.symmetric) {
-    const float alo = lo < 0.f ? -lo : lo, ahi = hi < 0.f ? -hi : hi;
-    const float absmax = alo > ahi ? alo : ahi;
-    const float half = (float)(1 << (a.bits - 1));
-    const float scale = absmax / (half - 1.0f);
-    *s = scale > 1e-8f ? scale : 1e-8f;
-    *z = half;
-    return;
-  }
-  lo = lo < 0.f ? lo : 0.f;
-  hi = hi > 0.f ? hi : 0.f;
-  const float scale = (hi - lo) / (float)((1 << a.bits) - 1);
-  *s = scale > 1e-8f ? scale : 1e-8f;
-  *z = _mm_cvtss_f32(_mm_round_ss(_mm_setzero_ps(), _mm_set_ss(-lo / *s), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  act_qparams_from_range(lo, hi, a, s, z);
 }
 
 }  // namespace

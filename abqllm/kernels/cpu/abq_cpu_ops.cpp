@@ -79,18 +79,14 @@ abqcpu::ActQuant act_params(int64_t bits, bool symmetric, const std::optional<Te
   return a;
 }
 
-Tensor& linear_out(const Tensor& x_in, const Tensor& qweight, const Tensor& scales, const Tensor& zeros,
-                   const std::optional<Tensor>& bias, const std::optional<Tensor>& act_scale,
-                   const std::optional<Tensor>& act_zero, const std::optional<Tensor>& row_offsets,
-                   int64_t in_features, int64_t storage_bits, int64_t group_size, int64_t act_bits,
-                   bool act_symmetric, int64_t isa_arg, int64_t mm_from_m, Tensor& y) {
-  const int isa = resolve_isa(isa_arg);
+// Checks the packed weight (qweight [N, Kpad/32*b] int32, scales/zeros [N, G]) and fills the
+// weight side of LinearArgs; M and the activation side are the caller's.
+static abqcpu::LinearArgs packed_weight_args(const Tensor& qweight, const Tensor& scales, const Tensor& zeros,
+                                             int64_t in_features, int64_t storage_bits, int64_t group_size) {
   const int64_t K = in_features, Kpad = (K + 31) / 32 * 32, b = storage_bits;
   TORCH_CHECK(b >= 1 && b <= 8, "abqllm_cpu: storage bits must be 1..8, got ", b);
   TORCH_CHECK(group_size >= 0 && group_size % 32 == 0, "abqllm_cpu: group size must be 0 or a multiple of 32, got ",
               group_size);
-  TORCH_CHECK(x_in.dim() == 2 && x_in.size(1) == K && x_in.scalar_type() == at::kFloat,
-              "abqllm_cpu: x must be float32 [M, ", K, "], got ", x_in.sizes(), " ", x_in.scalar_type());
   TORCH_CHECK(qweight.dim() == 2 && qweight.scalar_type() == at::kInt && qweight.size(1) == Kpad / 32 * b &&
                   qweight.is_contiguous(),
               "abqllm_cpu: qweight must be contiguous int32 [N, ", Kpad / 32 * b, "], got ", qweight.sizes());
@@ -101,6 +97,29 @@ Tensor& linear_out(const Tensor& x_in, const Tensor& qweight, const Tensor& scal
   TORCH_CHECK(zeros.scalar_type() == at::kByte && zeros.is_contiguous() && zeros.dim() == 2 && zeros.size(0) == N &&
                   zeros.size(1) == G,
               "abqllm_cpu: zeros must be contiguous uint8 [", N, ", ", G, "]");
+  abqcpu::LinearArgs L;
+  L.N = N;
+  L.K = K;
+  L.Kpad = Kpad;
+  L.G = G;
+  L.bits = (int)b;
+  L.group_size = group_size;
+  L.qweight = reinterpret_cast<const uint8_t*>(qweight.data_ptr<int32_t>());
+  L.scales = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>());
+  L.zeros = zeros.data_ptr<uint8_t>();
+  return L;
+}
+
+Tensor& linear_out(const Tensor& x_in, const Tensor& qweight, const Tensor& scales, const Tensor& zeros,
+                   const std::optional<Tensor>& bias, const std::optional<Tensor>& act_scale,
+                   const std::optional<Tensor>& act_zero, const std::optional<Tensor>& row_offsets,
+                   int64_t in_features, int64_t storage_bits, int64_t group_size, int64_t act_bits,
+                   bool act_symmetric, int64_t isa_arg, int64_t mm_from_m, Tensor& y) {
+  const int isa = resolve_isa(isa_arg);
+  abqcpu::LinearArgs L = packed_weight_args(qweight, scales, zeros, in_features, storage_bits, group_size);
+  const int64_t K = L.K, Kpad = L.Kpad, N = L.N, G = L.G, b = storage_bits;
+  TORCH_CHECK(x_in.dim() == 2 && x_in.size(1) == K && x_in.scalar_type() == at::kFloat,
+              "abqllm_cpu: x must be float32 [M, ", K, "], got ", x_in.sizes(), " ", x_in.scalar_type());
   Tensor bias32;
   if (bias.has_value()) {
     TORCH_CHECK(bias->numel() == N, "abqllm_cpu: bias must have ", N, " elements");
@@ -115,17 +134,7 @@ Tensor& linear_out(const Tensor& x_in, const Tensor& qweight, const Tensor& scal
               "abqllm_cpu: out must be contiguous float32 [", M, ", ", N, "]");
   if (M == 0 || N == 0) return y;
 
-  abqcpu::LinearArgs L;
   L.M = M;
-  L.N = N;
-  L.K = K;
-  L.Kpad = Kpad;
-  L.G = G;
-  L.bits = (int)b;
-  L.group_size = group_size;
-  L.qweight = reinterpret_cast<const uint8_t*>(qweight.data_ptr<int32_t>());
-  L.scales = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>());
-  L.zeros = zeros.data_ptr<uint8_t>();
   L.bias = bias32.defined() ? bias32.data_ptr<float>() : nullptr;
   L.row_offsets = row_offsets.has_value() ? row_offsets->data_ptr<float>() : nullptr;
   L.y = y.data_ptr<float>();
@@ -220,24 +229,8 @@ Tensor linear(const Tensor& x, const Tensor& qweight, const Tensor& scales, cons
 Tensor row_offsets(const Tensor& qweight, const Tensor& scales, const Tensor& zeros, int64_t in_features,
                    int64_t storage_bits, int64_t group_size, int64_t isa_arg) {
   const int isa = resolve_isa(isa_arg);
-  const int64_t K = in_features, Kpad = (K + 31) / 32 * 32, b = storage_bits;
-  TORCH_CHECK(b >= 1 && b <= 8 && group_size >= 0 && group_size % 32 == 0, "abqllm_cpu: bad storage bits/group size");
-  TORCH_CHECK(qweight.dim() == 2 && qweight.scalar_type() == at::kInt && qweight.size(1) == Kpad / 32 * b &&
-                  qweight.is_contiguous(), "abqllm_cpu: qweight must be contiguous int32 [N, ", Kpad / 32 * b, "]");
-  const int64_t N = qweight.size(0), G = group_size == 0 ? 1 : (K + group_size - 1) / group_size;
-  TORCH_CHECK(scales.scalar_type() == at::kHalf && scales.is_contiguous() && scales.numel() == N * G &&
-                  zeros.scalar_type() == at::kByte && zeros.is_contiguous() && zeros.numel() == N * G,
-              "abqllm_cpu: scales/zeros must be contiguous float16/uint8 [", N, ", ", G, "]");
-  abqcpu::LinearArgs L;
-  L.N = N;
-  L.K = K;
-  L.Kpad = Kpad;
-  L.G = G;
-  L.bits = (int)b;
-  L.group_size = group_size;
-  L.qweight = reinterpret_cast<const uint8_t*>(qweight.data_ptr<int32_t>());
-  L.scales = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>());
-  L.zeros = zeros.data_ptr<uint8_t>();
+  const abqcpu::LinearArgs L = packed_weight_args(qweight, scales, zeros, in_features, storage_bits, group_size);
+  const int64_t N = L.N, Kpad = L.Kpad;
   Tensor out = at::empty({N}, qweight.options().dtype(at::kFloat));
   float* o = out.data_ptr<float>();
   parallel_rows(N, Kpad, [&](int64_t n0, int64_t n1) {

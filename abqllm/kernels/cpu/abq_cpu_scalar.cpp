@@ -130,19 +130,7 @@ void act_row_qparams(const float* x, int64_t K, const ActQuant& a, float* s, flo
     lo = x[k] < lo ? x[k] : lo;
     hi = x[k] > hi ? x[k] : hi;
   }
-  if (a.symmetric) {
-    const float absmax = std::fabs(lo) > std::fabs(hi) ? std::fabs(lo) : std::fabs(hi);
-    const float half = (float)(1 << (a.bits - 1));
-    const float scale = absmax / (half - 1.0f);
-    *s = scale > 1e-8f ? scale : 1e-8f;
-    *z = half;
-    return;
-  }
-  lo = lo < 0.f ? lo : 0.f;
-  hi = hi > 0.f ? hi : 0.f;
-  const float scale = (hi - lo) / (float)((1 << a.bits) - 1);
-  *s = scale > 1e-8f ? scale : 1e-8f;
-  *z = std::nearbyint(-lo / *s);
+  act_qparams_from_range(lo, hi, a, s, z);
 }
 
 void quantize_rows(int bits, const float* x, int64_t ldx, int64_t K, int64_t Kpad, const ActQuant& a, int64_t m0,

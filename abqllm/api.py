@@ -43,6 +43,10 @@ def quantize(model: nn.Module, spec: QuantSpec | str, method: str = "rtn", calib
              progress: bool = True, artifacts: str | Path | None = None, **method_options) -> QuantizeReport:
     """Quantize every linear inside the decoder blocks of `model` in place (lm_head is skipped by default).
 
+    The output layer is quantized with round-to-nearest, whatever `method` is, when `spec.lm_head`
+    gives it a scheme (that scheme, even if `spec.skip` names it) or when `spec.skip` does not name it
+    (the body's scheme); a tied one is untied from the embedding, which stays float.
+
     `calib_ids` [n, L] token windows are needed by methods that calibrate (and by static activation
     scales); `data` and `seed` describe them in the checkpoint. `artifacts`: a folder where each
     block's calibration result is kept; blocks already there are re-applied, not recalibrated
@@ -54,6 +58,7 @@ def quantize(model: nn.Module, spec: QuantSpec | str, method: str = "rtn", calib
             isinstance(mod, QuantLinear) for mod in model.modules()):  # any library's config, or our layers
         raise AbqError("model is already quantized; load the float model to quantize it again")
     m = get_method(method, **method_options)
+    _head_layer(model, spec)  # a head scheme that cannot work is refused before any calibration
     store = None
     if artifacts is not None:
         store = ArtifactStore(artifacts, {
@@ -95,22 +100,26 @@ def _tensor_digest(t: torch.Tensor | None) -> str | None:
     return None if t is None else hashlib.sha256(t.cpu().numpy().tobytes()).hexdigest()
 
 
-def _quantize_lm_head(model: nn.Module, spec: QuantSpec) -> dict[str, dict]:
-    """Round-to-nearest for the output layer, when the user takes it out of --skip.
-
-    A tied lm_head is untied: the embedding stays float, the output layer gets its own codes.
-    """
+def _head_layer(model: nn.Module, spec: QuantSpec):
+    """(module name, LayerSpec or None) of the output layer under `spec`; refuses static activations."""
     from abqllm.models.arch import arch_for
-    from abqllm.nn.qlinear import QuantLinear
 
     name = arch_for(model.config).lm_head
-    if spec.is_skipped(name):
+    return name, spec.head_layer(name)
+
+
+def _quantize_lm_head(model: nn.Module, spec: QuantSpec) -> dict[str, dict]:
+    """Round-to-nearest for the output layer, with spec.lm_head or (taken out of --skip) the body's scheme.
+
+    A tied lm_head is untied: the embedding stays float, the output layer gets its own codes.
+    The returned per-layer entry is the head's own LayerSpec, which the loaders rebuild it from.
+    """
+    name, layer = _head_layer(model, spec)
+    if layer is None:
         return {}
-    if not spec.act.is_float and not spec.act.dynamic:
-        raise AbqError("static activation scales are not supported for lm_head; keep lm_head in --skip")
-    model.set_submodule(name, QuantLinear.from_float(model.get_submodule(name), spec.layer))
+    model.set_submodule(name, QuantLinear.from_float(model.get_submodule(name), layer))
     model.config.tie_word_embeddings = False
-    return {name: spec.layer.to_dict()}
+    return {name: layer.to_dict()}
 
 
 def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",

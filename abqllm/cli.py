@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one static activation scale per tensor from calibration data (default: dynamic per token)")
     q.add_argument("--kv-bits", default="16", help="K/V cache bits (only 16 for now)")
     q.add_argument("--skip", default="lm_head", help="comma-separated module name patterns left in float")
+    q.add_argument("--lm-head", default=None, metavar="SCHEME",
+                   help="the output layer's own scheme, round-to-nearest, e.g. W8A8 or W8A16 (wins over --skip); "
+                        "float keeps it float (default: as --skip says, i.e. float)")
     q.add_argument("--method", default="rtn", help="calibration method: rtn, abq, gptq, awq, smoothquant, ...")
     q.add_argument("--preset", default=None,
                    help="abq: cpu (minutes on 2 cores) or paper / paper-long (ABQ-LLM recipe, for GPUs); "
@@ -151,7 +154,8 @@ def _bench_args(sub):
     c.add_argument("--model", default="smollm2-135m", help="built-in name, local float folder or hub id")
     c.add_argument("--configs", default=DEFAULT_CONFIGS,
                    help="comma-separated: float, schemes quantized with RTN on the fly (W4A8, W2*A8, W4A16g64; "
-                        "append +lm_head to quantize the output layer too), abqllm checkpoint folders, or none "
+                        "append +head8 for an 8-bit output layer: W8A8 per channel, W8A16 under an A16 body; "
+                        "+lm_head: the output layer at the body's scheme), abqllm checkpoint folders, or none "
                         "(llama.cpp only) "
                         f"(default {DEFAULT_CONFIGS})")
     c.add_argument("--prompt-len", type=int, default=128, help="prompt tokens (default 128)")
@@ -195,8 +199,34 @@ def _spec_from_args(a):
     except ValueError:
         pass  # WeightSpec names the problem
     weight = WeightSpec(a.wbits, balanced=a.balanced, group_size=group, symmetric=a.sym)
-    return QuantSpec(weight, ActSpec(a.abits, dynamic=not a.act_static),
-                     skip=tuple(s for s in a.skip.split(",") if s), kv_bits=a.kv_bits)
+    skip = tuple(s for s in a.skip.split(",") if s)
+    head = _lm_head_arg(getattr(a, "lm_head", None))
+    if head == "float" and "lm_head" not in skip:
+        skip += ("lm_head",)  # --lm-head float wins over --skip as a scheme does
+    spec = QuantSpec(weight, ActSpec(a.abits, dynamic=not a.act_static), skip=skip, kv_bits=a.kv_bits,
+                     lm_head=None if head in (None, "float") else head)
+    spec.head_layer()  # refuses a head scheme that cannot work before the model is loaded
+    return spec
+
+
+def _lm_head_arg(value: str | None):
+    """--lm-head: None (not given), 'float', or the head's LayerSpec."""
+    from abqllm.errors import AbqError
+    from abqllm.spec import parse_layer_scheme
+
+    if value is None:
+        return None
+    if value.strip().lower() == "float":
+        return "float"
+    if not value.strip():
+        raise AbqError("--lm-head is empty; give a scheme like W8A8 or W8A16, or float")
+    try:
+        return parse_layer_scheme(value, what="--lm-head")
+    except AbqError as e:
+        if "cannot read" in str(e):
+            raise AbqError(f"cannot read --lm-head {value!r}; give a scheme like W8A8, W8A16 or W6A16g64, "
+                           "or float") from None
+        raise
 
 
 def _parse_method_opts(items: list[str]) -> dict:
@@ -354,10 +384,11 @@ def cmd_demo(a) -> dict:
     rows.append({"config": "float", "ppl": fp["ppl"], "ratio": 1.0, "size_mb": fp["size_mb"],
                  "quantize_s": 0.0, "eval_s": fp["seconds"]})
     for spec in schemes:
-        out = Path(a.out) / spec.name.replace("*", "s")
+        out = Path(a.out) / spec.name.replace("*", "s").replace(":", "-")
         qa = argparse.Namespace(model=a.model, device=a.device, wbits=spec.weight.bits, abits=spec.act.bits,
                                 balanced=spec.weight.balanced, group_size=spec.weight.group_size, sym=False,
                                 act_static=False, kv_bits=16, skip="lm_head", method=a.method, data=None,
+                                lm_head=spec.lm_head.name if spec.lm_head is not None else None,
                                 calib_samples=None, calib_seqlen=None, seed=0, out=str(out), overwrite=True, json=None,
                                 preset=None, method_opt=[], artifacts=None)
         qr = cmd_quantize(qa)

@@ -8,6 +8,11 @@ W = s * (u - z). The three weight flavours differ only in how s and z are chosen
   s = absmax / 2^(p-1). W2* is {-2,-1,0,1,2}. It needs p + 1 bits of storage.
 Activations use the same convention at q bits, computed per token at run time (dynamic) or once
 from calibration data per tensor (static). q = 16 means activations stay in floating point.
+
+The output layer (lm_head) is float by default (it is in `skip`). `QuantSpec.lm_head` gives it a
+scheme of its own (e.g. W8A8 under a W4A8 body, as llama.cpp keeps its output tensor at Q8_0),
+which wins over `skip`; without it, taking lm_head out of `skip` quantizes it with the body's scheme.
+Names: "W4A8+head:W8A8" (parse_scheme reads them back).
 """
 
 from __future__ import annotations
@@ -111,14 +116,31 @@ class LayerSpec:
             raise AbqError(f"malformed layer spec {d!r} in quantization_config ({e}); re-quantize the model") from None
 
 
+HEAD_NAME = "+head:"  # spec.name of a body with its own head scheme: "W4A8+head:W8A8"
+
+
+def check_head_layer(layer: LayerSpec) -> LayerSpec:
+    """The output layer's scheme: any LayerSpec except static activation scales (no calibration for it)."""
+    if not layer.act.is_float and not layer.act.dynamic:
+        raise AbqError(f"static activation scales are not supported for lm_head ({layer.name}); give it dynamic "
+                       "per-token activations (--lm-head W8A8) or keep it float (--lm-head float)")
+    return layer
+
+
 @dataclass(frozen=True)
 class QuantSpec:
-    """A whole-model scheme: one LayerSpec for every linear inside the decoder blocks, except skipped ones."""
+    """A whole-model scheme: one LayerSpec for every linear inside the decoder blocks, except skipped ones.
+
+    `lm_head`: the output layer's own scheme (round-to-nearest), independent of the body's; when set,
+    the output layer is quantized with it even if `skip` names it. None (default): the output layer
+    follows `skip` (float by default; the body's scheme if taken out of `skip`).
+    """
     weight: WeightSpec
     act: ActSpec = ActSpec()
     skip: tuple[str, ...] = ("lm_head",)  # fnmatch patterns on full module names
     kv_bits: int = FLOAT_BITS
     version: int = field(default=FORMAT_VERSION)
+    lm_head: LayerSpec | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "skip", tuple(self.skip))
@@ -126,6 +148,13 @@ class QuantSpec:
                                                        extra=(FLOAT_BITS,)))
         if self.kv_bits != FLOAT_BITS:
             raise AbqError("--kv-bits is not implemented yet; leave it at 16")
+        head = self.lm_head
+        if isinstance(head, str):
+            head = parse_layer_scheme(head, what="lm_head scheme")
+        if head is not None:
+            if not isinstance(head, LayerSpec):
+                raise AbqError(f"lm_head must be a LayerSpec or a scheme like 'W8A8', got {head!r}")
+            object.__setattr__(self, "lm_head", check_head_layer(head))
 
     @property
     def layer(self) -> LayerSpec:
@@ -133,14 +162,31 @@ class QuantSpec:
 
     @property
     def name(self) -> str:
-        return self.layer.name
+        return self.layer.name + (f"{HEAD_NAME}{self.lm_head.name}" if self.lm_head is not None else "")
 
     def is_skipped(self, module_name: str) -> bool:
         return any(fnmatch.fnmatchcase(module_name, p) or fnmatch.fnmatchcase(module_name.rsplit(".", 1)[-1], p)
                    for p in self.skip)
 
+    def head_layer(self, module_name: str = "lm_head") -> LayerSpec | None:
+        """The output layer's scheme, or None when it stays float: lm_head if set, else the body's unless skipped.
+
+        Refuses the body's scheme with static activation scales (nothing calibrates the output layer's).
+        """
+        if self.lm_head is not None:
+            return self.lm_head
+        if self.is_skipped(module_name):
+            return None
+        if not self.act.is_float and not self.act.dynamic:
+            raise AbqError("static activation scales are not supported for lm_head; keep lm_head in --skip or "
+                           "give it its own scheme (--lm-head W8A8)")
+        return self.layer
+
     def to_dict(self) -> dict:
-        return {"version": self.version, **self.layer.to_dict(), "skip": list(self.skip), "kv_bits": self.kv_bits}
+        d = {"version": self.version, **self.layer.to_dict(), "skip": list(self.skip), "kv_bits": self.kv_bits}
+        if self.lm_head is not None:  # absent otherwise: dicts (checkpoints, cache keys) of head-less specs unchanged
+            d["lm_head"] = self.lm_head.to_dict()
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "QuantSpec":
@@ -149,16 +195,39 @@ class QuantSpec:
             raise AbqError(f"quantization spec version {version!r} is not supported by this abqllm "
                            f"(it reads version {FORMAT_VERSION}); upgrade abqllm or re-quantize")
         layer = LayerSpec.from_dict(d)
-        return cls(layer.weight, layer.act, tuple(d.get("skip", ())), d.get("kv_bits", FLOAT_BITS))
+        head = d.get("lm_head")
+        if head is not None and not isinstance(head, dict):
+            raise AbqError(f"malformed lm_head spec {head!r} in quantization_config; re-quantize the model")
+        return cls(layer.weight, layer.act, tuple(d.get("skip", ())), d.get("kv_bits", FLOAT_BITS),
+                   lm_head=LayerSpec.from_dict(head) if head is not None else None)
 
 
 _NAME_RE = re.compile(r"^W(\d+)(\*?)A(\d+)(?:G(\d+))?$", re.IGNORECASE)
 
 
-def parse_scheme(name: str) -> QuantSpec:
-    """'W4A8', 'W2*A16', 'W4A16g64' -> QuantSpec (asymmetric weights, dynamic per-token activations)."""
-    m = _NAME_RE.match(name.strip().replace(" ", ""))
+def parse_layer_scheme(name: str, what: str = "scheme") -> LayerSpec:
+    """'W8A8', 'W2*A16', 'W4A16g64' -> LayerSpec (asymmetric weights, dynamic per-token activations)."""
+    m = _NAME_RE.match(str(name).strip().replace(" ", ""))
     if not m:
-        raise AbqError(f"cannot read scheme {name!r}; write it like W4A8, W2*A16 or W4A16g64")
+        raise AbqError(f"cannot read {what} {name!r}; write it like W4A8, W2*A16 or W4A16g64")
     w, star, a, g = m.groups()
-    return QuantSpec(WeightSpec(int(w), balanced=bool(star), group_size=int(g or 0)), ActSpec(int(a)))
+    try:
+        return LayerSpec(WeightSpec(int(w), balanced=bool(star), group_size=int(g or 0)), ActSpec(int(a)))
+    except AbqError as e:
+        if what == "scheme":
+            raise
+        hint = re.sub(r" \(use --\w+[^)]*\)$", "", str(e))  # the body's flags (--wbits ...) do not apply
+        raise AbqError(f"{what} {name!r}: {hint}") from None
+
+
+def parse_scheme(name: str) -> QuantSpec:
+    """'W4A8', 'W2*A16', 'W4A16g64' -> QuantSpec (asymmetric weights, dynamic per-token activations).
+
+    'W4A8+head:W8A8' also gives the output layer its own scheme (QuantSpec.lm_head), as spec.name writes it.
+    """
+    text = str(name).strip().replace(" ", "")
+    i = text.lower().find(HEAD_NAME)
+    body, head = (text, None) if i < 0 else (text[:i], text[i + len(HEAD_NAME):])
+    layer = parse_layer_scheme(body)
+    return QuantSpec(layer.weight, layer.act,
+                     lm_head=None if head is None else parse_layer_scheme(head, what="lm_head scheme"))

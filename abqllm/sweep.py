@@ -87,7 +87,7 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def _cell_name(label: str, key: dict) -> str:
-    return f"{label.replace('*', 's')}-{_digest(key)[:12]}"
+    return f"{label.replace('*', 's').replace(':', '-')}-{_digest(key)[:12]}"
 
 
 def _read_cell(path: Path, key: dict) -> dict | None:

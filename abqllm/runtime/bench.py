@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import platform
 import resource
 import statistics
@@ -37,7 +38,11 @@ DEFAULT_GGUF_FORMATS = "Q4_1,Q8_0,Q4_0,Q2_K"
 # llama.cpp's llama_ftype values (include/llama.h); the names are the `llama-quantize` ones.
 GGUF_FTYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "Q2_K": 10,
                "Q3_K_S": 11, "Q3_K_M": 12, "Q4_K_S": 14, "Q4_K_M": 15, "Q5_K_M": 17, "Q6_K": 18, "BF16": 32}
-HEAD_SUFFIX = "+lm_head"  # W4A8+lm_head: the output layer quantized too (quantize --skip '')
+HEAD_SUFFIX = "+lm_head"  # W4A8+lm_head: the output layer quantized too, at the body's scheme (quantize --skip '')
+# W4A8+head8: the output layer at 8-bit per-channel weights (quantize --lm-head W8A8), with 8-bit per-token
+# activations when the body quantizes activations (any A2..A8) and float ones (W8A16) under an A16 body.
+# +headN takes other weight bits the same way; W4A8+head:W8A16 (spec.name's form) names the head exactly.
+HEAD_BITS_RE = re.compile(r"^(.*)\+head(\d+)$", re.IGNORECASE)
 
 PROMPT_TEXT = (
     "The history of the printing press begins in the fifteenth century, when Johannes Gutenberg combined "
@@ -88,7 +93,7 @@ def _split(text: str) -> list[str]:
 
 
 def parse_configs(text: str) -> list[dict]:
-    """'float,W4A8,W4A8+lm_head,path/to/ckpt' -> [{'name', 'kind', 'spec'|'path', 'skip'}]; validates all."""
+    """'float,W4A8,W4A8+head8,W4A8+lm_head,path/to/ckpt' -> [{'name', 'kind', 'spec'|'path'}]; validates all."""
     from abqllm.spec import QuantSpec, parse_scheme
 
     out = []
@@ -100,14 +105,34 @@ def parse_configs(text: str) -> list[dict]:
         elif Path(name).is_dir():
             out.append({"name": name, "kind": "checkpoint", "path": name})
         else:
-            base, head = (name[: -len(HEAD_SUFFIX)], True) if name.endswith(HEAD_SUFFIX) else (name, False)
-            spec = parse_scheme(base)
-            if head:
-                spec = QuantSpec(spec.weight, spec.act, skip=())
-            out.append({"name": name, "kind": "rtn", "spec": spec})
+            out.append({"name": name, "kind": "rtn", "spec": config_spec(name)})
     if not out:
         raise AbqError("--configs is empty; e.g. --configs float,W4A8 (or none: llama.cpp only)")
     return out
+
+
+def config_spec(name: str):
+    """The QuantSpec of a --configs scheme entry: W4A8, W4A8+lm_head, W4A8+head8, W4A8+head:W8A16."""
+    from abqllm.spec import ActSpec, LayerSpec, QuantSpec, WeightSpec, parse_scheme
+
+    if name.endswith(HEAD_SUFFIX):
+        spec = parse_scheme(name[: -len(HEAD_SUFFIX)])
+        if spec.lm_head is not None:
+            raise AbqError(f"config {name!r} gives lm_head two schemes; use either +lm_head or +head...")
+        return QuantSpec(spec.weight, spec.act, skip=())
+    m = HEAD_BITS_RE.match(name.strip())
+    if not m:
+        return parse_scheme(name)
+    spec = parse_scheme(m.group(1))
+    if spec.lm_head is not None:
+        raise AbqError(f"config {name!r} gives lm_head two schemes; use either +head{m.group(2)} or +head:SCHEME")
+    try:
+        weight = WeightSpec(int(m.group(2)))
+    except AbqError as e:
+        hint = re.sub(r" \(use --\w+[^)]*\)$", "", str(e))
+        raise AbqError(f"config {name!r}: lm_head {hint}") from None
+    head = LayerSpec(weight, ActSpec(16 if spec.act.is_float else 8))
+    return QuantSpec(spec.weight, spec.act, lm_head=head)
 
 
 def prompt_ids(tokenizer, n: int) -> list[int]:
@@ -272,7 +297,7 @@ def _prepare_checkpoint(cfg: dict, s: BenchSettings, log) -> tuple[str, float]:
 
     spec = cfg["spec"]
     tag = Path(s.model).name if Path(s.model).is_dir() else s.model.replace("/", "_")
-    folder = Path(s.work) / tag / cfg["name"].replace("*", "s").replace("+", "_")
+    folder = Path(s.work) / tag / cfg["name"].replace("*", "s").replace("+", "_").replace(":", "-")
     if is_quantized_checkpoint(folder):
         qc = json.loads((folder / "config.json").read_text())["quantization_config"]
         if qc.get("spec") == spec.to_dict() and qc.get("method") == "rtn":

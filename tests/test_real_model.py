@@ -80,3 +80,23 @@ def test_abq_w4a16_cpu_preset_reproduces_golden(setup):
     """ABQ's training is seeded per block; thread counts can still move float sums a little."""
     got, want = _golden_quantized("abq_W4A16_cpu", setup)
     assert got == pytest.approx(want, rel=0.02)
+
+
+def test_rtn_w4a8_with_w8a8_head_close_to_float_head(setup):
+    """An 8-bit output layer costs little where a 4-bit one costs a lot. On the first 4 windows, one thread,
+    `auto` kernels: W4A8 RTN with a float head 35.886, with --lm-head W8A8 36.019 (+0.4%), with --lm-head
+    W8A16 35.903, with the head at the body's W4A8 (--skip '') 47.093, from
+    abq quantize --model smollm2-135m --wbits 4 --abits 8 --method rtn [--lm-head W8A8 | ...] --out DIR
+    abq eval --model DIR --max-windows 4"""
+    import abqllm
+    from abqllm.nn import QuantLinear
+
+    _, _, ids = setup
+    ppl = {}
+    for scheme in ("W4A8", "W4A8+head:W8A8"):
+        q, _ = abqllm.load_model("smollm2-135m")
+        abqllm.quantize(q, scheme, progress=False)
+        assert isinstance(q.lm_head, QuantLinear) == (scheme != "W4A8")
+        ppl[scheme] = _ppl(q, ids, 4).ppl
+        del q
+    assert ppl["W4A8"] * 0.98 <= ppl["W4A8+head:W8A8"] <= ppl["W4A8"] * 1.02, ppl

@@ -1,7 +1,8 @@
 """The CPU kernels (abqllm/kernels/cpu) against the reference engine, on fresh random inputs.
 
-Every case runs each instruction set the machine has (scalar always, AVX2 where the CPU has it) into an
-output buffer poisoned with NaN. Tolerances (|y - ref| <= rtol |ref| + atol max|ref|, fp32 outputs):
+Every case runs each instruction set the machine has (scalar always, AVX2 and AVX-512 where the CPU has them)
+into an output buffer poisoned with NaN; `test_isa_matches_reference` names each level, and skips the ones the
+CPU lacks with that reason. Tolerances (|y - ref| <= rtol |ref| + atol max|ref|, fp32 outputs):
   integer path (A2..A8): products are exact int32, so only the fp32 epilogue rounds: (2e-6, 4e-6)
   float path (A16): fp32 FMA sums; the AVX2 small-M kernel also moves the zero point out of the loop
   (sum s_w z_w sum(x) once per group), which costs ~1-2 bits: (1e-5, 2e-5)
@@ -32,8 +33,16 @@ def built():
         pytest.skip("the CPU extension could not be built here (see the logged warning)")
 
 
+ISA_NAMES = {1: "scalar", 2: "avx2", 3: "avx512"}
+
+
+def best_isa() -> int:
+    return int(torch.ops.abqllm_cpu.best_isa())
+
+
 def isas() -> list[int]:
-    return [1, 2] if cpu.isa() == 2 else [1]
+    """Every level this CPU runs: scalar, then AVX2, then AVX-512."""
+    return list(range(1, best_isa() + 1))
 
 
 def make_layer(wbits, balanced, group, abits, n, k, *, bias=False, sym_act=False, static=False, seed=0):
@@ -90,6 +99,29 @@ def test_matches_reference(wbits, balanced, abits, group):
                 y = run(layer, x, isa)
                 check_close(y, ref, "float" if abits == 16 else "int",
                             f"W{wbits}{'*' if balanced else ''}A{abits}g{group} N{n} K{k} M{m} isa{isa}")
+
+
+@pytest.mark.parametrize("isa", [1, 2, 3], ids=lambda v: ISA_NAMES[v])
+@pytest.mark.parametrize("abits", [16, 8])
+def test_isa_matches_reference(isa, abits):
+    """One level at a time (skipped where the CPU lacks it): every storage width and balanced ones, per channel and
+    g32/g64/g128 with a short last group, odd N and K, the token counts of each tile path (1..5, 7, 16, 33),
+    static and dynamic activations, bias, into NaN-poisoned outputs."""
+    if isa > best_isa():
+        pytest.skip(f"this CPU lacks {ISA_NAMES[isa]} (best level: {ISA_NAMES[best_isa()]})")
+    shapes = [(37, 608), (9, 200)]  # K = 608: 19 runs, g64/g128 end on a lone run; 200: K % 32 != 0
+    for wbits, balanced in WEIGHTS:
+        for group in (0, 32, 64, 128):
+            for si, (n, k) in enumerate(shapes):
+                static = abits == 8 and (wbits + group // 32 + si) % 3 == 0
+                layer = make_layer(wbits, balanced, group, abits, n, k, bias=si == 0, static=static,
+                                   seed=wbits * 13 + group + si)
+                ms = (1, 2, 3, 4, 5, 7, 16, 33) if si == 0 else (1, 4, 17)
+                x = random_x(max(ms), k, seed=wbits + group + si)
+                ref = linear_reference(layer, x.double())
+                for m in ms:
+                    what = f"W{wbits}{'*' if balanced else ''}A{abits}g{group} N{n} K{k} M{m} static={static}"
+                    check_close(run(layer, x[:m], isa), ref[:m], "float" if abits == 16 else "int", what)
 
 
 @pytest.mark.parametrize("abits,sym,static", [(2, False, False), (4, False, False), (5, True, False),

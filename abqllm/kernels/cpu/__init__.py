@@ -2,9 +2,12 @@
 
 A small C++ extension (`abq_cpu_*.cpp`, see `abq_cpu.h` for the layouts and arithmetic) built at first use
 with torch.utils.cpp_extension (g++ and ninja; 1-2 minutes once on 2 busy cores) into $ABQLLM_CACHE or
-~/.cache/abqllm, keyed by the sources, flags, compiler name, torch and Python versions. Instruction sets are chosen at run time: AVX2+FMA+F16C
-where the CPU has them, else portable scalar code (`ABQLLM_CPU_ISA=scalar|avx2` forces one). If the build
-fails, one warning is logged and `auto` keeps using the `torch` path. `ABQLLM_CPU_KERNELS=0` turns them off.
+~/.cache/abqllm, keyed by the sources, flags, compiler name, torch and Python versions. Instruction sets are chosen at run time: AVX-512
+(F/BW/VL/DQ + VNNI + VBMI: vpdpbusd products, vpermb/vpmultishiftqb expansion) where the CPU has it, else
+AVX2+FMA+F16C, else portable scalar code (`ABQLLM_CPU_ISA=scalar|avx2|avx512` forces one; a level the CPU lacks
+falls back to the best it has, with a warning). If the build fails, one warning is logged and `auto` keeps using
+the `torch` path.
+`ABQLLM_CPU_KERNELS=0` turns them off.
 
 Registered as linear kernel `cpu` (priority 15: `auto` picks it on the CPU over `torch`, below `triton`).
 Supports: weight storage bits 1..8 (W1..W8, balanced W_p* stored in p+1 bits), per-channel scales or groups
@@ -34,11 +37,11 @@ from abqllm.kernels.registry import register
 log = logging.getLogger("abqllm.kernels")
 
 HERE = Path(__file__).resolve().parent
-SOURCES = [HERE / "abq_cpu_ops.cpp", HERE / "abq_cpu_scalar.cpp", HERE / "abq_cpu_avx2.cpp"]
+SOURCES = [HERE / "abq_cpu_ops.cpp", HERE / "abq_cpu_scalar.cpp", HERE / "abq_cpu_avx2.cpp", HERE / "abq_cpu_avx512.cpp"]
 HEADERS = [HERE / "abq_cpu.h"]
 CFLAGS = ["-O3", "-fopenmp", "-fno-math-errno", "-Wno-psabi"]
 LDFLAGS = ["-fopenmp"]
-ISA = {"auto": 0, "scalar": 1, "avx2": 2}
+ISA = {"auto": 0, "scalar": 1, "avx2": 2, "avx512": 3}
 # Float path (A16): from this many tokens on, dequantize per call and use torch's matmul (measured:
 # benchmarks/cpu_kernels.py; see docs/kernels.md). 0 = never.
 MM_FROM_M = 16
@@ -140,7 +143,7 @@ _STATE: list[bool] = []  # [loaded?] once known: supports() runs on every forwar
 
 
 def isa() -> int:
-    """The instruction set the kernels use: 1 scalar, 2 AVX2 (ABQLLM_CPU_ISA overrides the CPU's best)."""
+    """The instruction set the kernels use: 1 scalar, 2 AVX2, 3 AVX-512 (ABQLLM_CPU_ISA overrides the CPU's best)."""
     _require()
     return _OPS.isa
 
@@ -149,7 +152,11 @@ def _isa_from_env() -> int:
     name = os.environ.get("ABQLLM_CPU_ISA", "auto")
     if name not in ISA:
         raise ValueError(f"ABQLLM_CPU_ISA must be one of {sorted(ISA)}, got {name!r}")
-    return ISA[name] or int(torch.ops.abqllm_cpu.best_isa())
+    best = int(torch.ops.abqllm_cpu.best_isa())
+    if ISA[name] > best:
+        log.warning("ABQLLM_CPU_ISA=%s: this CPU lacks it, using %s", name,
+                    next(k for k, v in ISA.items() if v == best))
+    return min(ISA[name], best) or best
 
 
 def _require() -> None:
@@ -196,7 +203,7 @@ def qlinear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros:
             offsets: torch.Tensor | None = None) -> torch.Tensor:
     """y = Q_a(x) @ (s_w (w - z_w))^T + bias from the packed weights; x [..., K] -> y [..., N] in x's dtype.
 
-    `isa_override` (1 scalar, 2 AVX2) and `mm_from_m` replace the defaults; `out` (float32 [M, N],
+    `isa_override` (1 scalar, 2 AVX2, 3 AVX-512) and `mm_from_m` replace the defaults; `out` (float32 [M, N],
     contiguous) receives the result when given (tests pass poisoned buffers); `offsets` are
     `row_offsets(...)` (computed inside the call when None).
     """
@@ -226,7 +233,7 @@ def _needs_torch_path(x: torch.Tensor) -> bool:
 
 @register("linear", "cpu", priority=15, supports=supports)
 def linear_cpu(layer, x: torch.Tensor) -> torch.Tensor:
-    """Packed codes expanded in registers (AVX2) or scalar code; int8 products for A2..A8, fp32 FMA for A16."""
+    """Packed codes expanded in registers (AVX-512 or AVX2) or scalar code; int8 products for A2..A8, fp32 FMA for A16."""
     if _needs_torch_path(x):
         from abqllm.kernels.reference import linear_dequant
         return linear_dequant(layer, x)

@@ -1,12 +1,14 @@
 // CPU linear kernels for packed WpAq weights: the interface between the torch binding
-// (abq_cpu_ops.cpp) and the kernels (abq_cpu_scalar.cpp, abq_cpu_avx2.cpp). Plain C++, no torch headers.
+// (abq_cpu_ops.cpp) and the kernels (abq_cpu_scalar.cpp, abq_cpu_avx2.cpp, abq_cpu_avx512.cpp). Plain C++, no
+// torch headers.
 //
 // Weights are read straight from the checkpoint's plain packed layout (formats/packing.py): row n is
 // Kpad/32 runs of b int32 words, code j of a run at bits [j*b, j*b + b) of the run's bit string.
 // A kernel expands one run of 32 codes into 32 bytes at a time. The AVX2 expanders write them in a
 // fixed order of their own (see `run_permutation`): the activations are permuted into the same order
 // once per call, so the dot products never shuffle weights. Groups are multiples of 32 columns, so a
-// permutation inside a run never mixes groups.
+// permutation inside a run never mixes groups. The AVX-512 expanders produce natural order (except 4-bit codes on
+// the float path), two runs per vector.
 #pragma once
 
 #include <cstddef>
@@ -14,7 +16,7 @@
 
 namespace abqcpu {
 
-enum Isa : int { ISA_AUTO = 0, ISA_SCALAR = 1, ISA_AVX2 = 2 };
+enum Isa : int { ISA_AUTO = 0, ISA_SCALAR = 1, ISA_AVX2 = 2, ISA_AVX512 = 3 };
 
 // Per-channel integer sums are flushed to float every this many columns (int32 headroom).
 constexpr int64_t SEGMENT_COLS = 8192;
@@ -22,14 +24,17 @@ constexpr int64_t SEGMENT_COLS = 8192;
 // beyond it each row is expanded once into a buffer and token tiles of 4 read it.
 constexpr int64_t FUSED_MAX_M = 4;
 
-int best_isa();                 // ISA_AVX2 when the CPU has AVX2, FMA and F16C; else ISA_SCALAR
+// ISA_AVX512 when the CPU (and OS) has AVX-512 F/BW/VL/DQ/VNNI/VBMI besides the AVX2 set; else ISA_AVX2 when it
+// has AVX2, FMA and F16C; else ISA_SCALAR.
+int best_isa();
 bool isa_available(int isa);
 
 // Position p of an expanded run holds code perm[p] of the run, for the integer (A2..A8) or the float (A16)
 // kernels (identity for the scalar kernels).
 void run_permutation(int isa, int bits, bool float_act, int32_t perm[32]);
 
-// Whether A2..A8 products use int16 operands (storage bits 7, 8) instead of u8 x s8 (storage bits <= 6).
+// Whether A2..A8 activation codes are passed as int16 (storage bits 7, 8) instead of u8 (storage bits <= 6). The
+// AVX2 kernels multiply int16 x int16 there; the AVX-512 ones pack the codes back to u8 once per call.
 static inline bool wide_int_path(int bits) { return bits > 6; }
 
 struct ActQuant {
@@ -100,6 +105,15 @@ void linear_rows(const LinearArgs& L, int64_t n0, int64_t n1, void* scratch);
 void dequant_rows(const LinearArgs& L, int64_t n0, int64_t n1, void* scratch);
 void row_offsets(const LinearArgs& L, int64_t n0, int64_t n1, void* scratch, float* out);
 }  // namespace avx2
+namespace avx512 {
+void run_permutation(int bits, bool float_act, int32_t perm[32]);
+void quantize_rows(int bits, const float* x, int64_t ldx, int64_t K, int64_t Kpad, const ActQuant& a, int64_t m0,
+                   int64_t m1, uint8_t* q8, int16_t* q16, float* sx, float* zx);
+void permute_rows(int bits, const float* x, int64_t ldx, int64_t K, int64_t Kpad, int64_t m0, int64_t m1, float* xp);
+void linear_rows(const LinearArgs& L, int64_t n0, int64_t n1, void* scratch);
+void dequant_rows(const LinearArgs& L, int64_t n0, int64_t n1, void* scratch);
+void row_offsets(const LinearArgs& L, int64_t n0, int64_t n1, void* scratch, float* out);
+}  // namespace avx512
 
 // Shared helpers (header-only, plain scalar code; static so that no AVX2-compiled copy is shared).
 static inline float half_to_float(uint16_t h) {

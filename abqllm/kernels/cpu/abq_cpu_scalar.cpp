@@ -26,6 +26,23 @@ bool cpu_has_avx2_fma_f16c() {
 #endif
 }
 
+// AVX-512 F/BW/VL/DQ/VNNI/VBMI with the OS saving the opmask and zmm state (XCR0 bits 5-7), besides the AVX2 set.
+bool cpu_has_avx512_vnni_vbmi() {
+#if defined(__x86_64__) || defined(__i386__)
+  if (!cpu_has_avx2_fma_f16c()) return false;
+  __builtin_cpu_init();
+  if (!(__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+        __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vbmi")))
+    return false;
+  unsigned xlo, xhi;
+  __asm__("xgetbv" : "=a"(xlo), "=d"(xhi) : "c"(0));
+  return (xlo & 0xE6) == 0xE6;
+#else
+  return false;
+#endif
+}
+
 // Expand run r of a packed row into 32 codes, natural order. Copies the run first: the run is 4*bits bytes
 // and the two-byte window of the last code may lie past it.
 inline void expand_run(const uint8_t* row, int bits, int64_t r, uint8_t* out) {
@@ -56,28 +73,35 @@ inline void group_runs(const LinearArgs& L, int64_t g, int64_t* r0, int64_t* r1)
 }  // namespace
 
 int best_isa() {
-  static const int isa = cpu_has_avx2_fma_f16c() ? ISA_AVX2 : ISA_SCALAR;
+  static const int isa = cpu_has_avx512_vnni_vbmi() ? ISA_AVX512 : cpu_has_avx2_fma_f16c() ? ISA_AVX2 : ISA_SCALAR;
   return isa;
 }
 
-bool isa_available(int isa) { return isa == ISA_SCALAR || (isa == ISA_AVX2 && best_isa() == ISA_AVX2); }
+bool isa_available(int isa) { return isa >= ISA_SCALAR && isa <= best_isa(); }
 
 static int resolve(int isa) { return isa == ISA_AUTO ? best_isa() : isa; }
 
 void run_permutation(int isa, int bits, bool float_act, int32_t perm[32]) {
-  if (resolve(isa) == ISA_AVX2) return avx2::run_permutation(bits, float_act, perm);
+  isa = resolve(isa);
+  if (isa == ISA_AVX512) return avx512::run_permutation(bits, float_act, perm);
+  if (isa == ISA_AVX2) return avx2::run_permutation(bits, float_act, perm);
   for (int p = 0; p < 32; p++) perm[p] = p;
 }
 
 void quantize_rows(int isa, int bits, const float* x, int64_t ldx, int64_t K, int64_t Kpad, const ActQuant& a,
                    int64_t m0, int64_t m1, uint8_t* q8, int16_t* q16, float* sx, float* zx) {
-  if (resolve(isa) == ISA_AVX2) return avx2::quantize_rows(bits, x, ldx, K, Kpad, a, m0, m1, q8, q16, sx, zx);
+  isa = resolve(isa);
+  if (isa == ISA_AVX512) return avx512::quantize_rows(bits, x, ldx, K, Kpad, a, m0, m1, q8, q16, sx, zx);
+  if (isa == ISA_AVX2) return avx2::quantize_rows(bits, x, ldx, K, Kpad, a, m0, m1, q8, q16, sx, zx);
   scalar::quantize_rows(bits, x, ldx, K, Kpad, a, m0, m1, q8, q16, sx, zx);
 }
 
 void permute_rows(int isa, int bits, const float* x, int64_t ldx, int64_t K, int64_t Kpad, int64_t m0, int64_t m1,
                   float* xp, int64_t group_size, float* xsum) {
-  if (xp && resolve(isa) == ISA_AVX2)
+  isa = resolve(isa);
+  if (xp && isa == ISA_AVX512)
+    avx512::permute_rows(bits, x, ldx, K, Kpad, m0, m1, xp);
+  else if (xp && isa == ISA_AVX2)
     avx2::permute_rows(bits, x, ldx, K, Kpad, m0, m1, xp);
   else if (xp)
     scalar::permute_rows(bits, x, ldx, K, Kpad, m0, m1, xp);
@@ -97,22 +121,31 @@ void permute_rows(int isa, int bits, const float* x, int64_t ldx, int64_t K, int
 }
 
 size_t scratch_bytes(const LinearArgs& L) {
-  // codes (u8, or int16 for the wide integer path, or fp32 weights for the float path) + fp32 scales
-  return (size_t)L.Kpad * 4 + (size_t)L.G * 4 + 256;
+  // codes (u8, or int16 for the wide integer path, or fp32 weights for the float path) + fp32 scales; the AVX-512
+  // integer path also keeps the activation codes as u8 [M, Kpad] and their sums per group (or per-segment) and
+  // int32 lane
+  const size_t units = (size_t)L.G + (size_t)(L.Kpad / SEGMENT_COLS) + 1;
+  return (size_t)L.Kpad * 4 + (size_t)L.G * 4 + 256 + (size_t)L.M * L.Kpad + (size_t)L.M * units * 64 + 256;
 }
 
 void linear_rows(int isa, const LinearArgs& L, int64_t n0, int64_t n1, void* scratch) {
-  if (resolve(isa) == ISA_AVX2) return avx2::linear_rows(L, n0, n1, scratch);
+  isa = resolve(isa);
+  if (isa == ISA_AVX512) return avx512::linear_rows(L, n0, n1, scratch);
+  if (isa == ISA_AVX2) return avx2::linear_rows(L, n0, n1, scratch);
   scalar::linear_rows(L, n0, n1, scratch);
 }
 
 void dequant_rows(int isa, const LinearArgs& L, int64_t n0, int64_t n1, void* scratch) {
-  if (resolve(isa) == ISA_AVX2) return avx2::dequant_rows(L, n0, n1, scratch);
+  isa = resolve(isa);
+  if (isa == ISA_AVX512) return avx512::dequant_rows(L, n0, n1, scratch);
+  if (isa == ISA_AVX2) return avx2::dequant_rows(L, n0, n1, scratch);
   scalar::dequant_rows(L, n0, n1, scratch);
 }
 
 void row_offsets(int isa, const LinearArgs& L, int64_t n0, int64_t n1, void* scratch, float* out) {
-  if (resolve(isa) == ISA_AVX2) return avx2::row_offsets(L, n0, n1, scratch, out);
+  isa = resolve(isa);
+  if (isa == ISA_AVX512) return avx512::row_offsets(L, n0, n1, scratch, out);
+  if (isa == ISA_AVX2) return avx2::row_offsets(L, n0, n1, scratch, out);
   scalar::row_offsets(L, n0, n1, scratch, out);
 }
 

@@ -3,6 +3,7 @@ fp32 weight, F.linear), on the default model's shapes and one 4096 x 4096 layer.
 
     python benchmarks/cpu_kernels.py                                   # defaults below, ~5-10 min on 2 cores
     python benchmarks/cpu_kernels.py --schemes W4A8 --m 1 --threads 1 --shapes q_proj,big
+    python benchmarks/cpu_kernels.py --isa avx2,avx512 --m 1,4,16 --threads 1     # one column per ISA
 
 Per (shape, M, threads, kernel): the median wall time of one call after warm-up. Weights are rotated among
 copies that together exceed twice the L3 cache (--hot: one copy), as in decode, where every layer's weights
@@ -100,6 +101,11 @@ def main():
     ap.add_argument("--m", default="1,128", help="tokens per call")
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--hot", action="store_true", help="one weight copy (cache-resident where it fits)")
+    ap.add_argument("--rotate-mb", type=float, default=0,
+                    help="rotate weight copies over this many MB instead of 2x L3 (0: 2x L3)")
+    ap.add_argument("--isa", default="auto",
+                    help="comma list of instruction sets to time the cpu kernels with (scalar, avx2, avx512, auto)")
+    ap.add_argument("--no-torch", action="store_true", help="skip the torch path (dequantize once + F.linear)")
     ap.add_argument("--min-s", type=float, default=0.6, help="time each case for at least this long")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--out", default="benchmarks/results/cpu_kernels")
@@ -108,7 +114,10 @@ def main():
         sys.exit("error: the CPU kernels could not be built here; see the warning above")
 
     load_before = os.getloadavg()
-    target = 1 if a.hot else 2 * l3_bytes()
+    target = 1 if a.hot else int(a.rotate_mb * 2**20) if a.rotate_mb else 2 * l3_bytes()
+    isa_names = {v: k for k, v in cpu.ISA.items() if k != "auto"}
+    isas = [cpu.isa() if v == "auto" else cpu.ISA[v] for v in a.isa.split(",")]
+    default_isa = cpu._OPS.isa
     ms = [int(v) for v in a.m.split(",")]
     threads = [int(v) for v in a.threads.split(",")]
     shapes = [s for s in SHAPES if s[0] in a.shapes.split(",")]
@@ -138,8 +147,12 @@ def main():
                 torch.set_num_threads(nt)
                 cases = {("fp32", "F.linear"): [lambda w=w: F.linear(x, w) for w in fp_copies]}
                 for scheme, qs in layers.items():
-                    cases[(scheme, "torch")] = [lambda L=L: linear_dequant(L, x) for L in qs[: len(fp_copies)]]
-                    cases[(scheme, "cpu")] = [lambda L=L: cpu.linear_cpu(L, x) for L in qs]
+                    if not a.no_torch:
+                        cases[(scheme, "torch")] = [lambda L=L: linear_dequant(L, x) for L in qs[: len(fp_copies)]]
+                    for isa in isas:  # the eager path of QuantLinear with the ISA forced
+                        cases[(scheme, "cpu", isa)] = [lambda L=L, isa=isa: (setattr(cpu._OPS, "isa", isa),
+                                                                             cpu.linear_cpu(L, x))
+                                                       for L in qs]
                 res = measure(cases, a.rounds, a.min_s)
                 base, base_c = res[("fp32", "F.linear")]
                 rows.append(dict(shape=name, k=k, n=n, m=m, threads=nt, scheme="fp32", kernel="F.linear",
@@ -148,27 +161,34 @@ def main():
                 print(f"{name:9s} K{k:5d} N{n:6d} M{m:4d} t{nt}  fp32 F.linear {base * 1e6:10.1f} us", flush=True)
                 for scheme, qs in layers.items():
                     q = qs[0]
-                    t_torch, t_torch_c = res[(scheme, "torch")]
-                    t_cpu, t_cpu_c = res[(scheme, "cpu")]
-                    y_cpu, y_torch = cpu.linear_cpu(q, x), linear_dequant(q, x)
-                    diff = ((y_cpu - y_torch).abs().max() / y_torch.abs().max().clamp_min(1e-30)).item()
-                    wb = packed_bytes(q)
-                    rows.append(dict(shape=name, k=k, n=n, m=m, threads=nt, scheme=scheme, kernel="torch",
-                                     median_s=t_torch, cpu_s=t_torch_c if nt == 1 else None, weight_bytes=fp_bytes,
-                                     gb_s=fp_bytes / t_torch / 1e9, copies=len(cases[(scheme, "torch")])))
-                    rows.append(dict(shape=name, k=k, n=n, m=m, threads=nt, scheme=scheme, kernel="cpu",
-                                     median_s=t_cpu, cpu_s=t_cpu_c if nt == 1 else None, weight_bytes=wb,
-                                     gb_s=wb / t_cpu / 1e9, copies=len(qs), vs_fp32=base / t_cpu,
-                                     vs_torch=t_torch / t_cpu, max_rel_diff_vs_torch=diff))
-                    cpu_t = f" [cpu time {t_cpu_c * 1e6:.1f} vs fp32 {base_c * 1e6:.1f} us]" if nt == 1 else ""
-                    print(f"{'':9s} {scheme:10s} cpu {t_cpu * 1e6:10.1f} us ({wb / t_cpu / 1e9:5.1f} GB/s, "
-                          f"x{base / t_cpu:5.2f} vs fp32, x{t_torch / t_cpu:5.2f} vs torch path {t_torch * 1e6:.1f} us)"
-                          f"{cpu_t}  diff {diff:.1e}", flush=True)
+                    y_torch = linear_dequant(q, x)
+                    t_torch, t_torch_c = res[(scheme, "torch")] if not a.no_torch else (None, None)
+                    if not a.no_torch:
+                        rows.append(dict(shape=name, k=k, n=n, m=m, threads=nt, scheme=scheme, kernel="torch",
+                                         median_s=t_torch, cpu_s=t_torch_c if nt == 1 else None,
+                                         weight_bytes=fp_bytes, gb_s=fp_bytes / t_torch / 1e9,
+                                         copies=len(cases[(scheme, "torch")])))
+                    for isa in isas:
+                        t_cpu, t_cpu_c = res[(scheme, "cpu", isa)]
+                        cpu._OPS.isa = isa
+                        y_cpu = cpu.linear_cpu(q, x)
+                        diff = ((y_cpu - y_torch).abs().max() / y_torch.abs().max().clamp_min(1e-30)).item()
+                        wb = packed_bytes(q)
+                        rows.append(dict(shape=name, k=k, n=n, m=m, threads=nt, scheme=scheme, kernel="cpu",
+                                         isa=isa_names[isa], median_s=t_cpu, cpu_s=t_cpu_c if nt == 1 else None,
+                                         weight_bytes=wb, gb_s=wb / t_cpu / 1e9, copies=len(qs), vs_fp32=base / t_cpu,
+                                         vs_torch=t_torch / t_cpu if t_torch else None, max_rel_diff_vs_torch=diff))
+                        cpu_t = f" [cpu time {t_cpu_c * 1e6:.1f} vs fp32 {base_c * 1e6:.1f} us]" if nt == 1 else ""
+                        vt = f", x{t_torch / t_cpu:5.2f} vs torch path {t_torch * 1e6:.1f} us" if t_torch else ""
+                        print(f"{'':9s} {scheme:10s} cpu {isa_names[isa]:6s} {t_cpu * 1e6:10.1f} us "
+                              f"({wb / t_cpu / 1e9:5.1f} GB/s, x{base / t_cpu:5.2f} vs fp32{vt}){cpu_t}  diff {diff:.1e}",
+                              flush=True)
+                    cpu._OPS.isa = default_isa
         del fp_copies, layers
     result = dict(
         command="python " + " ".join(sys.argv), date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        cpu=cpu_name(), isa={1: "scalar", 2: "avx2"}[cpu.isa()], torch=torch.__version__, cores=os.cpu_count(),
-        l3_bytes=l3_bytes(), hot=a.hot, mm_from_m=cpu.MM_FROM_M, load_before=load_before,
+        cpu=cpu_name(), isa=isa_names[default_isa], isas=[isa_names[i] for i in isas], torch=torch.__version__, cores=os.cpu_count(),
+        l3_bytes=l3_bytes(), hot=a.hot, rotate_bytes=target, mm_from_m=cpu.MM_FROM_M, load_before=load_before,
         load_after=os.getloadavg(), seconds=time.perf_counter() - t_start, rows=rows)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -180,32 +200,36 @@ def main():
 def markdown(r: dict) -> str:
     lines = [f"# CPU kernels: {r['cpu']} ({r['isa']}), torch {r['torch']}", "",
              f"`{r['command']}`, {r['date']}; load average before {tuple(round(v, 2) for v in r['load_before'])}, "
-             f"after {tuple(round(v, 2) for v in r['load_after'])}; weights {'hot' if r['hot'] else 'rotated over > 2x L3'}.",
+             f"after {tuple(round(v, 2) for v in r['load_after'])}; weights "
+             f"{'hot' if r['hot'] else 'rotated over %.0f MB' % (r.get('rotate_bytes', 2 * r['l3_bytes']) / 2**20)}.",
              ""]
-    schemes = list(dict.fromkeys(x["scheme"] for x in r["rows"] if x["kernel"] == "cpu"))
+    multi = len(r.get("isas", [])) > 1
+    cols = list(dict.fromkeys((x["scheme"], x.get("isa")) for x in r["rows"] if x["kernel"] == "cpu"))
     keys = list(dict.fromkeys((x["shape"], x["k"], x["n"], x["m"], x["threads"]) for x in r["rows"]))
 
     def table(title: str, field: str, keep) -> list[str]:
         out = [title, "", "| shape (K->N) | M | threads | fp32 F.linear | " +
-               " | ".join(f"cpu {s}" for s in schemes) + " |", "|---|---|---|---|" + "---|" * len(schemes)]
+               " | ".join(f"cpu {s}" + (f" {i}" if multi else "") for s, i in cols) + " |",
+               "|---|---|---|---|" + "---|" * len(cols)]
         for shape, k, n, m, t in keys:
             if not keep(t):
                 continue
             sel = [x for x in r["rows"] if (x["shape"], x["m"], x["threads"]) == (shape, m, t)]
             fp = next(x for x in sel if x["kernel"] == "F.linear")
             cells = []
-            for s in schemes:
-                c = next((x for x in sel if x["kernel"] == "cpu" and x["scheme"] == s), None)
+            for s, i in cols:
+                c = next((x for x in sel if x["kernel"] == "cpu" and x["scheme"] == s and x.get("isa") == i), None)
                 tq = next((x for x in sel if x["kernel"] == "torch" and x["scheme"] == s), None)
                 if c is None:
                     cells.append("")
                     continue
-                cells.append(f"{c[field] * 1e6:.0f} ({fp[field] / c[field]:.2f}x / {tq[field] / c[field]:.2f}x)")
+                vt = f" / {tq[field] / c[field]:.2f}x" if tq else ""
+                cells.append(f"{c[field] * 1e6:.0f} ({fp[field] / c[field]:.2f}x{vt})")
             out.append(f"| {shape} ({k}->{n}) | {m} | {t} | {fp[field] * 1e6:.0f} | " + " | ".join(cells) + " |")
         return out + [""]
 
     lines += table("Wall time, median microseconds per call; in brackets: speed-up over fp32 F.linear / over the "
-                   "torch path.", "median_s", lambda t: True)
+                   "torch path (when timed).", "median_s", lambda t: True)
     lines += table("One thread, CPU time of the calling thread (median us; leaves out time spent descheduled, so it "
                    "moves less with the machine's load).", "cpu_s", lambda t: t == 1)
     return "\n".join(lines)

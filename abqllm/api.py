@@ -62,7 +62,9 @@ def quantize(model: nn.Module, spec: QuantSpec | str, method: str = "rtn", calib
     store = None
     if artifacts is not None:
         store = ArtifactStore(artifacts, {
-            "model": getattr(model.config, "_name_or_path", None), "spec": spec.to_dict(), "method": m.name,
+            # Without the head's scheme: it is RTN after the blocks, so their calibration serves any head.
+            "model": getattr(model.config, "_name_or_path", None),
+            "spec": {k: v for k, v in spec.to_dict().items() if k != "lm_head"}, "method": m.name,
             "method_settings": m.settings(), "data": data, "seed": seed,
             "calib_shape": list(calib_ids.shape) if calib_ids is not None else None,
             "calib_sha256": _tensor_digest(calib_ids)})

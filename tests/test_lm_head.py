@@ -126,6 +126,20 @@ def test_static_body_with_head_scheme_and_early_refusal():
     assert not any(isinstance(m, QuantLinear) for m in model.modules())  # refused before any layer was touched
 
 
+def test_block_calibration_artifacts_reapplied_under_another_head(tmp_path):
+    """The head is RTN after the blocks: a calibration kept in --artifacts serves any head scheme."""
+    ids = torch.randint(0, 300, (4, 32), generator=torch.Generator().manual_seed(0))
+    first, _ = make_tiny_llama()
+    abqllm.quantize(first, "W3A16", method="gptq", calib_ids=ids, progress=False, artifacts=tmp_path / "art")
+    again, _ = make_tiny_llama()
+    abqllm.quantize(again, "W3A16+head:W8A16", method="gptq", calib_ids=ids, progress=False,
+                    artifacts=tmp_path / "art")
+    assert _bits(again.lm_head) == (8, 16)
+    for name, m in first.named_modules():
+        if isinstance(m, QuantLinear):
+            assert torch.equal(m.qweight, again.get_submodule(name).qweight), name
+
+
 # ----------------------------------------------------------------------------- CLI
 
 @pytest.fixture(scope="module")

@@ -47,7 +47,7 @@ class ABQ:
     lr_clip: float = 2e-2        # clipping and compensation
     batch_size: int = 4
     alpha: float = 0.5           # SmoothQuant-style initialisation exponent (init="smoothquant")
-    init: str = "auto"           # transform start: smoothquant | identity | awq | auto (see _init_smooth)
+    init: str = "auto"           # transform start: smoothquant | identity | awq | auto (per block, see _start)
     smooth: bool = True          # learnable equivalent transforms
     lwc: bool = True             # learnable weight clipping
     compensation: bool = True    # W + a b^T on down_proj of the first/last blocks
@@ -91,9 +91,10 @@ class ABQ:
         block = ctx.block
         weights = {n: p.detach() for n, p in block.named_parameters()}
         groups = _groups(ctx)
-        params = self._init_params(ctx, weights, groups)
         t1 = ctx.run(block, ctx.x_fp)
         t2 = ctx.run(block, ctx.x_q)
+        a_fp_all = self._float_attention(ctx) if self.use_attn else None
+        params = self._start(ctx, weights, groups, t1, t2, a_fp_all)
         trainable = [p for p in params.values() if p.requires_grad]
         if not trainable or self.epochs == 0:
             return {k: v.detach() for k, v in params.items()}
@@ -102,17 +103,11 @@ class ABQ:
             {"params": [v for k, v in params.items() if not k.startswith("smooth.")], "lr": self.lr_clip},
         ], weight_decay=0.0)
         n = ctx.x_q.shape[0]
-        a_fp_all = self._float_attention(ctx) if self.use_attn else None
         t0 = time.perf_counter()
         first = last = None
         for epoch in range(self.epochs):
             for idx in torch.randperm(n).split(self.batch_size):
-                xq = ctx.x_q[idx].to(ctx.device)
-                a_fp = a_fp_all[idx].to(ctx.device).float() if a_fp_all is not None else None
-                with _capture_attention(ctx) if self.use_attn else contextlib.nullcontext([]) as maps:
-                    y = self._forward_q(ctx, weights, params, groups, xq)
-                loss, terms = M.abq_loss(y, t1[idx].to(ctx.device), t2[idx].to(ctx.device),
-                                         maps[0] if maps else None, a_fp, self.use_mse, self.use_cos, self.use_attn)
+                loss, terms = self._loss(ctx, weights, params, groups, idx, t1, t2, a_fp_all)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -120,6 +115,36 @@ class ABQ:
                 last = terms
         log.info("block %d: %s -> %s in %.1f s", ctx.index, _fmt(first), _fmt(last), time.perf_counter() - t0)
         return {k: v.detach().clone() for k, v in params.items()}
+
+    def _loss(self, ctx, weights, params, groups, idx, t1, t2, a_fp_all):
+        """ABQ's loss (and its terms) of the quantized block on the quantized stream's windows `idx`."""
+        xq = ctx.x_q[idx].to(ctx.device)
+        a_fp = a_fp_all[idx].to(ctx.device).float() if a_fp_all is not None else None
+        with _capture_attention(ctx) if self.use_attn else contextlib.nullcontext([]) as maps:
+            y = self._forward_q(ctx, weights, params, groups, xq)
+        return M.abq_loss(y, t1[idx].to(ctx.device), t2[idx].to(ctx.device),
+                          maps[0] if maps else None, a_fp, self.use_mse, self.use_cos, self.use_attn)
+
+    def _start(self, ctx, weights, groups, t1, t2, a_fp_all) -> dict[str, torch.Tensor]:
+        """Starting parameters. init=auto builds the AWQ-searched and the identity start and keeps
+        the one whose ABQ loss (all calibration windows, in order, before any step) is lower, per
+        block: at 2 bits AWQ's scales (searched for round-to-nearest error) can start far worse."""
+        stats = _input_stats(ctx, list(dict.fromkeys([*ctx.linears, *(g.linears[0] for _, g in groups)])))
+        kinds = self._init_kinds(ctx)
+        awq = self._awq_scales(ctx) if self.smooth and "awq" in kinds else {}
+        starts = {k: self._init_params(ctx, weights, groups, k, stats, awq) for k in kinds}
+        if len(starts) == 1:
+            return next(iter(starts.values()))
+        losses = {}
+        with torch.no_grad():
+            for kind, params in starts.items():
+                batches = torch.arange(ctx.x_q.shape[0]).split(self.batch_size)
+                losses[kind] = sum(self._loss(ctx, weights, params, groups, idx, t1, t2, a_fp_all)[0].item() * len(idx)
+                                   for idx in batches) / ctx.x_q.shape[0]
+        best = min(kinds, key=lambda k: losses[k])  # ties: the first (awq)
+        log.info("block %d: init %s (step-0 loss %s)", ctx.index, best,
+                 ", ".join(f"{k} {v:.4g}" for k, v in losses.items()))
+        return starts[best]
 
     @torch.no_grad()
     def _float_attention(self, ctx: BlockContext) -> torch.Tensor | None:
@@ -133,22 +158,24 @@ class ABQ:
             maps_all.append(maps[0].half().cpu())
         return torch.cat(maps_all)
 
-    def _init_params(self, ctx: BlockContext, weights, groups) -> dict[str, torch.Tensor]:
+    def _awq_scales(self, ctx: BlockContext) -> dict[str, torch.Tensor]:
+        # With quantized activations AWQ's loss runs every sampled token through each ratio
+        # (no Gram shortcut): 2,048 rows keep the init to seconds per block on a CPU.
+        tokens = AWQ.search_tokens if ctx.spec.act.is_float else 2048
+        return AWQ(clip=False, search_tokens=tokens).search(ctx)
+
+    def _init_params(self, ctx: BlockContext, weights, groups, kind: str, stats, awq: dict) -> dict[str, torch.Tensor]:
         params: dict[str, torch.Tensor] = {}
-        stats, sq = _input_stats(ctx, list(dict.fromkeys([*ctx.linears, *(g.linears[0] for _, g in groups)])))
+        stats, sq = stats
         if self.smooth:
             dims = attention_dims(ctx.block.get_submodule(ctx.arch.attn).config)
-            # With quantized activations AWQ's loss runs every sampled token through each ratio
-            # (no Gram shortcut): 2,048 rows keep the init to seconds per block on a CPU.
-            tokens = AWQ.search_tokens if ctx.spec.act.is_float else 2048
-            awq = AWQ(clip=False, search_tokens=tokens).search(ctx) if self._init_kind(ctx) == "awq" else {}
             for i, g in groups:
                 x_max = stats[g.linears[0]]
                 w_max = torch.cat([weights[f"{l}.weight"] for l in g.linears]).abs().amax(0)
                 prev_out = weights[f"{g.prev}.weight"].shape[0]
                 # o_proj's input per query head -> v_proj's output channels (grouped-query heads)
                 x_max, w_max = reduce_kv(x_max, prev_out, dims[2]), reduce_kv(w_max, prev_out, dims[2])
-                params[M.group_key(i)] = self._init_smooth(ctx, g, x_max, w_max, awq).requires_grad_()
+                params[M.group_key(i)] = self._init_smooth(kind, g, x_max, w_max, awq).requires_grad_()
         spec = ctx.spec.weight
         new = self._transformed(ctx, weights, {k: v.detach() for k, v in params.items()}, groups)
         for name in ctx.linears:
@@ -166,15 +193,17 @@ class ABQ:
             params[f"comp.{down}.b"] = torch.ones(1, w.shape[1], device=w.device, requires_grad=True)
         return params
 
-    def _init_kind(self, ctx: BlockContext) -> str:
-        # auto = awq: for weight-only, smoothing by activation range moves difficulty into the
-        # weights (the wrong way) while AWQ's searched scales start where the weight error is low;
-        # with quantized activations the same search also weighs the activation error.
-        return "awq" if self.init == "auto" else self.init
+    def _init_kinds(self, ctx: BlockContext) -> list[str]:
+        """Transform starts to try. auto: AWQ's searched scales (for weight-only, smoothing by
+        activation range moves difficulty into the weights, the wrong way; with quantized
+        activations the search also weighs the activation error) and identity, the better one per
+        block by step-0 loss (see _start). Without learnable transforms there is nothing to choose."""
+        if self.init != "auto":
+            return [self.init]
+        return ["awq", "identity"] if self.smooth else ["identity"]
 
-    def _init_smooth(self, ctx, group, x_max, w_max, awq: dict) -> torch.Tensor:
+    def _init_smooth(self, kind: str, group, x_max, w_max, awq: dict) -> torch.Tensor:
         """log-scale [prev out] of one LinearGroup at the start of training."""
-        kind = self._init_kind(ctx)
         if kind == "smoothquant":
             return M.smooth_init(x_max, w_max, self.alpha)
         s = awq.get(f"smooth.{group.prev}") if kind == "awq" else None  # None: identity, or AWQ skipped it

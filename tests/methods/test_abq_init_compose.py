@@ -86,3 +86,32 @@ def test_abq_gptq_quantizes_a_model_and_shares_abq_presets():
         out = model(ids).logits
     assert torch.isfinite(out).all()
     assert (out - ref).pow(2).mean() < 0.1 * ref.pow(2).mean()
+
+
+@pytest.mark.parametrize("scheme", ["W2*A16", "W4A8"])
+def test_auto_init_keeps_the_start_with_the_lower_step0_loss(scheme):
+    model, _ = make_tiny_llama()
+    ctx = _ctx(model, scheme)
+    ctx.x_fp[..., :3] *= 20  # outliers, so the AWQ start differs from the identity start
+    ctx.x_q = ctx.x_fp.clone()
+    starts = {k: ABQ(epochs=0, init=k).calibrate(ctx) for k in ("awq", "identity")}
+    assert any(not torch.equal(starts["awq"][k], starts["identity"][k]) for k in starts["awq"])
+    method = ABQ(epochs=0)
+    weights = {n: p.detach() for n, p in ctx.block.named_parameters()}
+    t1 = ctx.run(ctx.block, ctx.x_fp)
+    a_fp = method._float_attention(ctx)
+    idx = torch.arange(ctx.x_q.shape[0])
+    with torch.no_grad():
+        losses = {k: method._loss(ctx, weights, p, _groups(ctx), idx, t1, t1, a_fp)[0].item() for k, p in starts.items()}
+    best = min(losses, key=losses.get)
+    auto, again = method.calibrate(ctx), method.calibrate(ctx)
+    assert auto.keys() == starts[best].keys()
+    for k in auto:  # the chosen start, exactly, and the same choice every time
+        assert torch.equal(auto[k], starts[best][k]) and torch.equal(auto[k], again[k])
+
+
+def test_auto_init_without_transforms_tries_no_awq_search(monkeypatch):
+    model, _ = make_tiny_llama()
+    monkeypatch.setattr(AWQ, "search", lambda *a, **k: pytest.fail("AWQ searched without transforms"))
+    result = ABQ(epochs=0, smooth=False).calibrate(_ctx(model, "W2*A16"))
+    assert not any(k.startswith("smooth.") for k in result)

@@ -148,8 +148,10 @@ def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 32, chat:
                   temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0) -> str:
     """Continuation of `prompt` (or of a one-turn chat when chat=True); greedy unless temperature > 0.
 
-    engine: "fast" = the lean decode loop with a static KV cache (abqllm/runtime/cpu_decode.py,
-    Llama-like models), "hf" = model.generate, "auto" = fast on CPU where the model supports it.
+    engine: "fast" = the native C++ decode step with a static KV cache (abqllm/runtime/cpu_decode.py, Llama-like
+    models; agrees with the model to float rounding), "exact" = the same step bit-identical to the model's own
+    forward, "python" = that step as torch ops from Python, "hf" = model.generate, "auto" = fast on CPU where
+    the model supports it, else hf.
     """
     if chat and getattr(tokenizer, "chat_template", None):
         text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
@@ -159,10 +161,10 @@ def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 32, chat:
     enc = tokenizer(text, return_tensors="pt").to(next(model.parameters()).device)
     n = enc["input_ids"].shape[1]
     if _fast_engine(model, engine, n + max_new_tokens):
-        from abqllm.runtime.cpu_decode import CpuDecoder
+        from abqllm.runtime.cpu_decode import decoder_for
 
         eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None) or tokenizer.eos_token_id
-        res = CpuDecoder(model, max_len=n + max_new_tokens).generate(
+        res = decoder_for(model, "fast" if engine == "auto" else engine, n + max_new_tokens).generate(
             enc["input_ids"][0], max_new_tokens, eos_token_id=eos, do_sample=temperature > 0,
             temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
         return tokenizer.decode(res.tokens, skip_special_tokens=True)
@@ -178,10 +180,10 @@ def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 32, chat:
 def _fast_engine(model, engine: str, max_len: int) -> bool:
     from abqllm.runtime.cpu_decode import supports
 
-    if engine not in ("auto", "fast", "hf"):
-        raise AbqError(f"unknown engine {engine!r}; choose auto, fast or hf")
+    if engine not in ("auto", "fast", "exact", "python", "hf"):
+        raise AbqError(f"unknown engine {engine!r}; choose auto, fast, exact, python or hf")
     if engine == "hf":
         return False
-    if engine == "fast":
+    if engine != "auto":
         return True  # CpuDecoder names the problem if the model does not fit
     return next(model.parameters()).device.type == "cpu" and supports(model, max_len) is None

@@ -100,8 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-new-tokens", type=int, default=32)
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     g.add_argument("--engine", default="auto",
-                   help="fast (lean decode loop, static KV cache), hf (model.generate) or auto (fast on CPU "
-                        "where the architecture allows; default)")
+                   help="fast (native C++ decode step, static KV cache), exact (the same, bit-identical to the "
+                        "model's forward), python (that step in torch ops), hf (model.generate) or auto (fast on "
+                        "CPU where the architecture allows; default)")
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
     g.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = all)")
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (1 = off)")
@@ -162,7 +163,8 @@ def _bench_args(sub):
     c.add_argument("--new-tokens", type=int, default=128, help="generated tokens (default 128)")
     c.add_argument("--threads", type=int, default=2, help="threads for torch and llama.cpp (default 2)")
     c.add_argument("--runs", type=int, default=3, help="timed runs after one warm-up; medians reported (default 3)")
-    c.add_argument("--engine", default="fast", help="fast (default) or hf (model.generate), for comparison")
+    c.add_argument("--engine", default="fast",
+                   help="fast (default), exact, python (see abq generate --help) or hf (model.generate)")
     c.add_argument("--kernel", default="auto", help="linear kernel for quantized layers (default auto)")
     c.add_argument("--llama-cpp", default="auto",
                    help="auto: also run llama.cpp when llama-cpp-python is installed (default); on; off")

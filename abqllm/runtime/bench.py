@@ -64,7 +64,7 @@ class BenchSettings:
     new_tokens: int = 128
     threads: int = 2
     runs: int = 3
-    engine: str = "fast"  # fast (abqllm.runtime.cpu_decode) or hf (model.generate)
+    engine: str = "fast"  # fast, exact, python (abqllm.runtime.cpu_decode.ENGINES) or hf (model.generate)
     kernel: str = "auto"
     work: str = "out/bench-cpu"
     llama_cpp: str = "auto"  # auto (when installed), on (required), off
@@ -77,8 +77,8 @@ def _check(s: BenchSettings):
         raise AbqError(f"need --prompt-len >= 1 and --new-tokens >= 2, got {s.prompt_len} and {s.new_tokens}")
     if s.threads < 1 or s.runs < 1:
         raise AbqError(f"--threads and --runs must be >= 1, got {s.threads} and {s.runs}")
-    if s.engine not in ("fast", "hf"):
-        raise AbqError(f"--engine must be fast or hf, got {s.engine!r}")
+    if s.engine not in ("fast", "exact", "python", "hf"):
+        raise AbqError(f"--engine must be fast, exact, python or hf, got {s.engine!r}")
     if s.llama_cpp not in ("auto", "on", "off"):
         raise AbqError(f"--llama-cpp must be auto, on or off, got {s.llama_cpp!r}")
     for f in _split(s.gguf_formats):
@@ -186,10 +186,11 @@ def worker_abqllm(job: dict) -> dict:
             kernels.add(registry.select("linear", m.kernel, m, torch.device("cpu")).name)
     ids = job["ids"]
     n_new = job["new_tokens"]
-    if job["engine"] == "fast":
-        from abqllm.runtime.cpu_decode import CpuDecoder
+    if job["engine"] != "hf":
+        from abqllm.runtime.cpu_decode import decoder_for
 
-        dec = CpuDecoder(model, max_len=len(ids) + n_new)
+        dec = decoder_for(model, job["engine"], len(ids) + n_new)
+        step = "native" if dec.native is not None else f"python ({dec.native_reason})"
         dec.generate(ids, min(n_new, 8), ignore_eos=True)  # warm-up: dequant caches, allocator
         runs = []
         for _ in range(job["runs"]):
@@ -197,6 +198,7 @@ def worker_abqllm(job: dict) -> dict:
             runs.append({"prefill_s": r.prefill_seconds, "decode_s": r.decode_seconds, "steps": r.decode_steps,
                          "tokens": r.tokens})
     else:
+        step = "model.generate"
         runs = _hf_runs(model, ids, n_new, job["runs"])
     prefill = [len(ids) / r["prefill_s"] for r in runs]
     decode = [r["steps"] / r["decode_s"] for r in runs]
@@ -204,7 +206,7 @@ def worker_abqllm(job: dict) -> dict:
             "prefill_tok_s_runs": prefill, "decode_tok_s_runs": decode,
             "peak_rss_mb": _rss_mb(), "base_rss_mb": base_rss, "end_rss_mb": _rss_mb("VmRSS"), "load_s": load_s,
             "model_mb": abqllm.model_size_bytes(model) / 2**20, "kernels": sorted(kernels),
-            "torch_threads": torch.get_num_threads(), "first_tokens": runs[-1]["tokens"][:16]}
+            "torch_threads": torch.get_num_threads(), "first_tokens": runs[-1]["tokens"][:16], "decode_step": step}
 
 
 def _hf_runs(model, ids: list[int], n_new: int, n_runs: int) -> list[dict]:

@@ -55,6 +55,27 @@ def _linear_fn(module: nn.Module, device: torch.device) -> Fn:
     return module  # anything else that maps [.., K] -> [.., N]
 
 
+def _native_linear(module: nn.Module, device: torch.device):
+    """The module as a linear of the native step (abq_cpu_decode.cpp), or None when it cannot run there: a float
+    nn.Linear in fp32, or a QuantLinear whose registry choice on this device is the `cpu` kernel."""
+    from abqllm.kernels import cpu as cpu_kernels
+
+    mod = cpu_kernels.module()
+    if type(module) is nn.Linear:
+        if module.weight.dtype != torch.float32:
+            return None
+        return mod.float_linear(module.weight.detach().contiguous(),
+                                None if module.bias is None else module.bias.detach().float().contiguous())
+    if not isinstance(module, QuantLinear) or registry.select("linear", module.kernel, module, device).name != "cpu":
+        return None
+    w, a = module.spec.weight, module.spec.act
+    offsets = None if a.is_float else cpu_kernels.row_offsets(module.qweight, module.scales, module.zeros,
+                                                               module.in_features, w.storage_bits, w.group_size)
+    return mod.packed_linear(module.qweight, module.scales, module.zeros, module.bias,
+                             getattr(module, "act_scale", None), getattr(module, "act_zero", None), offsets,
+                             module.in_features, w.storage_bits, w.group_size, a.bits, a.symmetric, cpu_kernels.isa())
+
+
 def fuse_quant_linears(layers: list[nn.Module]) -> QuantLinear | None:
     """One QuantLinear computing the concatenated outputs of `layers`, or None if they cannot be fused.
 
@@ -130,6 +151,20 @@ class GenerateResult:
         return self.decode_steps / self.decode_seconds if self.decode_seconds else float("nan")
 
 
+# Decode engines on the CPU (`abq generate --engine`, `abq bench cpu --engine`): the CpuDecoder settings of each.
+#   fast    the native C++ step with its own norms, attention and SiLU: agrees with the model to float rounding
+#   exact   the native C++ step calling torch's own norm, SDPA and SiLU: bit-identical to `python`
+#   python  the same step as torch ops from Python: bit-identical to the model's forward with a KV cache
+# fast and exact fall back to the Python step (logged) where the native step cannot run a model.
+ENGINES = {"fast": {"exact": False}, "exact": {"exact": True}, "python": {"native": False}}
+
+
+def decoder_for(model: nn.Module, engine: str, max_len: int) -> "CpuDecoder":
+    if engine not in ENGINES:
+        raise AbqError(f"unknown CPU engine {engine!r}; choose one of {', '.join(ENGINES)}")
+    return CpuDecoder(model, max_len=max_len, **ENGINES[engine])
+
+
 def supports(model: nn.Module, max_len: int | None = None) -> str | None:
     """None if `model` can run on the fast engine with a cache of `max_len` positions, else why not."""
     try:
@@ -168,7 +203,8 @@ class CpuDecoder:
         res = dec.generate(prompt_ids, max_new_tokens=64)          # greedy; res.tokens
     """
 
-    def __init__(self, model: nn.Module, max_len: int | None = None, fuse: bool = True):
+    def __init__(self, model: nn.Module, max_len: int | None = None, fuse: bool = True, native: bool | None = None,
+                 exact: bool = True):
         cfg = model.config
         max_len = int(max_len or min(getattr(cfg, "max_position_embeddings", 2048), 2048))
         reason = supports(model, max_len)
@@ -186,20 +222,24 @@ class CpuDecoder:
         self.blocks: list[_Block] = []
         self.scaling = self.head_dim ** -0.5
         self.fused: list[QuantLinear] = []  # kept alive here; the model is left as it was
+        self._modules: list[dict] = []  # per block, the modules behind the functions (for the native step)
         for block in decoder_blocks(model, arch):
             mod = {name: get_submodule(block, name) for name in arch.linear_names}
             attn = get_submodule(block, arch.attn)
             self.scaling = getattr(attn, "scaling", self.scaling)
             norms = arch.norms  # (attention norm, MLP norm)
+            m = dict(norm1=get_submodule(block, norms[0]), norm2=get_submodule(block, norms[1]),
+                     qkv=self._group([mod[arch.q_proj], mod[arch.k_proj], mod[arch.v_proj]], fuse),
+                     o=mod[arch.o_proj], gate_up=self._group([mod[arch.mlp_gate], mod[arch.mlp_up]], fuse),
+                     down=mod[arch.mlp_down], act=get_submodule(block, arch.mlp_gate.rsplit(".", 1)[0]).act_fn,
+                     q_norm=get_submodule(block, arch.qk_norms[0]) if arch.qk_norms else None,
+                     k_norm=get_submodule(block, arch.qk_norms[1]) if arch.qk_norms else None)
+            self._modules.append(m)
             self.blocks.append(_Block(
-                norm1=_rmsnorm_fn(get_submodule(block, norms[0])), norm2=_rmsnorm_fn(get_submodule(block, norms[1])),
-                qkv=self._linears([mod[arch.q_proj], mod[arch.k_proj], mod[arch.v_proj]], fuse),
-                o=_linear_fn(mod[arch.o_proj], self.device),
-                gate_up=self._linears([mod[arch.mlp_gate], mod[arch.mlp_up]], fuse),
-                down=_linear_fn(mod[arch.mlp_down], self.device),
-                act=get_submodule(block, arch.mlp_gate.rsplit(".", 1)[0]).act_fn,
-                q_norm=get_submodule(block, arch.qk_norms[0]) if arch.qk_norms else None,
-                k_norm=get_submodule(block, arch.qk_norms[1]) if arch.qk_norms else None))
+                norm1=_rmsnorm_fn(m["norm1"]), norm2=_rmsnorm_fn(m["norm2"]),
+                qkv=[_linear_fn(x, self.device) for x in m["qkv"]], o=_linear_fn(m["o"], self.device),
+                gate_up=[_linear_fn(x, self.device) for x in m["gate_up"]], down=_linear_fn(m["down"], self.device),
+                act=m["act"], q_norm=m["q_norm"], k_norm=m["k_norm"]))
         shape = (len(self.blocks), self.n_kv, self.max_len, self.head_dim)
         self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
@@ -208,13 +248,60 @@ class CpuDecoder:
         # rotate_half(x) * sin == roll(x, half) * sin_signed: one op fewer per rotation, same values.
         self.cos, self.sin = cos.unsqueeze(1), torch.cat((-sin[:, :half], sin[:, half:]), -1).unsqueeze(1)
         self.pos = 0
+        self.native = None  # the C++ step (abq_cpu_decode.cpp) when it can run this model
+        self.exact = exact
+        self.native_reason = "not requested" if native is False else self._build_native(model, arch)
+        if native and self.native is None:
+            raise AbqError(f"the native decode step cannot run this model: {self.native_reason}; "
+                           "use the exact engine (--engine exact) or --engine hf")
+        log.info("decode step: %s", "native (C++)" if self.native is not None else f"Python ({self.native_reason})")
 
-    def _linears(self, mods: list[nn.Module], fuse: bool) -> list[Fn]:
+    def _group(self, mods: list[nn.Module], fuse: bool) -> list[nn.Module]:
+        """Linears that read the same input: [one fused QuantLinear] when they fuse, else as they are."""
         fused = fuse_quant_linears(mods) if fuse else None
         if fused is None:
-            return [_linear_fn(m, self.device) for m in mods]
+            return mods
         self.fused.append(fused)
-        return [_linear_fn(fused, self.device)]
+        return [fused]
+
+    def _build_native(self, model: nn.Module, arch) -> str | None:
+        """Build the native step; None when built, else why it cannot run this model."""
+        if self.device.type != "cpu" or self.dtype != torch.float32:
+            return "it runs float32 models on the CPU only"
+        if getattr(model.config, "hidden_act", "silu") != "silu":
+            return f"activation {model.config.hidden_act!r} (the native step implements SiLU)"
+        from abqllm.kernels import cpu as cpu_kernels
+
+        if not cpu_kernels.available():
+            return "the CPU kernels are not built (see the warning logged by abqllm.kernels)"
+        final = get_submodule(model, arch.final_norm)
+        eps = getattr(final, "variance_epsilon", None)
+        norms = [final] + [m[k] for m in self._modules for k in ("norm1", "norm2", "q_norm", "k_norm") if m[k] is not None]
+        for n in norms:
+            if (type(n).__name__ not in _PLAIN_RMSNORMS or n.weight.dtype != torch.float32
+                    or n.variance_epsilon != eps):
+                return f"norm {type(n).__name__} (the native step implements fp32 Llama RMSNorm with one epsilon)"
+        head = _native_linear(get_submodule(model, arch.lm_head), self.device)
+        if head is None:
+            return "lm_head is neither an fp32 nn.Linear nor a QuantLinear on the cpu kernel"
+        mod = cpu_kernels.module()
+        dec = mod.NativeDecoder(self.embed.detach().contiguous(), final.weight.detach(), float(eps),
+                                self.cos[:, 0].contiguous(), self.sin[:, 0].contiguous(), self.n_heads, self.n_kv,
+                                self.head_dim, float(self.scaling), self.exact)
+        dec.set_lm_head(head)
+        for i, m in enumerate(self._modules):
+            lin = {k: [_native_linear(x, self.device) for x in (m[k] if isinstance(m[k], list) else [m[k]])]
+                   for k in ("qkv", "o", "gate_up", "down")}
+            if any(x is None for group in lin.values() for x in group):
+                return f"block {i} has a linear that is neither fp32 nor on the cpu kernel (e.g. a group size " \
+                       "that is not a multiple of 32)"
+            dec.add_block(m["norm1"].weight.detach(), m["norm2"].weight.detach(), lin["qkv"], lin["o"][0],
+                          lin["gate_up"], lin["down"][0],
+                          None if m["q_norm"] is None else m["q_norm"].weight.detach(),
+                          None if m["k_norm"] is None else m["k_norm"].weight.detach(),
+                          self.k_cache[i], self.v_cache[i])
+        self.native = dec
+        return None
 
     def _rope_table(self, model) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin [max_len, head_dim] from the model's own rotary module (its scaling variants included)."""
@@ -238,6 +325,10 @@ class CpuDecoder:
             raise AbqError(f"sequence of {end} tokens exceeds the cache of {self.max_len}; raise max_len")
         if n > 1 and start != 0:
             raise AbqError("a multi-token forward must start at position 0; call reset() first")
+        if n == 1 and self.native is not None:
+            logits = self.native.step(int(ids[0]), start).clone()  # the step's buffer is reused
+            self.pos = end
+            return logits
         hq, hkv, d = self.n_heads, self.n_kv, self.head_dim
         half, group = d // 2, hq // hkv
         # narrow() rather than [a:b] indexing throughout: same views, a fraction of the Python cost.
@@ -281,7 +372,9 @@ class CpuDecoder:
                 g, u = (f(h) for f in b.gate_up)
             x = x + b.down(b.act(g) * u)
         self.pos = end
-        return self.lm_head(self.final_norm(x.narrow(0, n - 1, 1)))[0]
+        # The norm over every position, then the last row, as the Hugging Face model does: a reduction over [n, H]
+        # may round a row differently from one over [1, H].
+        return self.lm_head(self.final_norm(x).narrow(0, n - 1, 1))[0]
 
     def generate(self, prompt_ids, max_new_tokens: int, *, eos_token_id=None, do_sample: bool = False,
                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,

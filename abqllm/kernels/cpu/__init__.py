@@ -37,8 +37,8 @@ from abqllm.kernels.registry import register
 log = logging.getLogger("abqllm.kernels")
 
 HERE = Path(__file__).resolve().parent
-SOURCES = [HERE / "abq_cpu_ops.cpp", HERE / "abq_cpu_scalar.cpp", HERE / "abq_cpu_avx2.cpp", HERE / "abq_cpu_avx512.cpp"]
-HEADERS = [HERE / "abq_cpu.h"]
+SOURCES = [HERE / "abq_cpu_ops.cpp", HERE / "abq_cpu_scalar.cpp", HERE / "abq_cpu_avx2.cpp", HERE / "abq_cpu_decode.cpp", HERE / "abq_cpu_avx512.cpp"]
+HEADERS = [HERE / "abq_cpu.h", HERE / "abq_cpu_torch.h"]
 CFLAGS = ["-O3", "-fopenmp", "-fno-math-errno", "-Wno-psabi"]
 LDFLAGS = ["-fopenmp"]
 ISA = {"auto": 0, "scalar": 1, "avx2": 2, "avx512": 3}
@@ -146,6 +146,14 @@ def isa() -> int:
     """The instruction set the kernels use: 1 scalar, 2 AVX2, 3 AVX-512 (ABQLLM_CPU_ISA overrides the CPU's best)."""
     _require()
     return _OPS.isa
+
+
+def module():
+    """The loaded extension module (its pybind11 functions: `linear`, and the native decoder of abq_cpu_decode.cpp)."""
+    _require()
+    if _OPS.module is None:
+        raise RuntimeError("the CPU kernels were registered without their Python module; restart the process")
+    return _OPS.module
 
 
 def _isa_from_env() -> int:

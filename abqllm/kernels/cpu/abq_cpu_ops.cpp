@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "abq_cpu.h"
+#include "abq_cpu_torch.h"
 
 namespace {
 
@@ -109,6 +110,10 @@ static abqcpu::LinearArgs packed_weight_args(const Tensor& qweight, const Tensor
   L.zeros = zeros.data_ptr<uint8_t>();
   return L;
 }
+
+}  // namespace
+
+namespace abqcpu_torch {
 
 Tensor& linear_out(const Tensor& x_in, const Tensor& qweight, const Tensor& scales, const Tensor& zeros,
                    const std::optional<Tensor>& bias, const std::optional<Tensor>& act_scale,
@@ -216,6 +221,12 @@ Tensor& linear_out(const Tensor& x_in, const Tensor& qweight, const Tensor& scal
   return y;
 }
 
+}  // namespace abqcpu_torch
+
+namespace {
+
+using abqcpu_torch::linear_out;
+
 Tensor linear(const Tensor& x, const Tensor& qweight, const Tensor& scales, const Tensor& zeros,
               const std::optional<Tensor>& bias, const std::optional<Tensor>& act_scale,
               const std::optional<Tensor>& act_zero, const std::optional<Tensor>& row_offsets, int64_t in_features,
@@ -294,5 +305,6 @@ TORCH_LIBRARY_IMPL(abqllm_cpu, CPU, m) {
 // arguments (~3 us, as much as a small layer's product); eager decode calls this one.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear", &linear, pybind11::call_guard<pybind11::gil_scoped_release>());
+  abqcpu_torch::bind_decoder(m);
 }
 

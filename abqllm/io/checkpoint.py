@@ -175,8 +175,9 @@ def load_quantized(folder: str | Path, dtype: torch.dtype = torch.float32, devic
             lin = model.get_submodule(name)
         except AttributeError:
             raise AbqError(f"{folder}: layer {name} in quantization_config does not exist in the model") from None
-        q = QuantLinear(lin.in_features, lin.out_features, LayerSpec.from_dict(layer_dict),
-                        bias=lin.bias is not None, dtype=dtype)
+        with torch.device("meta"):  # no zero-filled buffers: the checkpoint's tensors are assigned below
+            q = QuantLinear(lin.in_features, lin.out_features, LayerSpec.from_dict(layer_dict),
+                            bias=lin.bias is not None, dtype=dtype)
         model.set_submodule(name, q)
     try:
         state = load_file(folder / WEIGHTS)

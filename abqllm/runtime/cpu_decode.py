@@ -222,25 +222,20 @@ class CpuDecoder:
         self.blocks: list[_Block] = []
         self.scaling = self.head_dim ** -0.5
         self.fused: list[QuantLinear] = []  # kept alive here; the model is left as it was
-        self._modules: list[dict] = []  # per block, the modules behind the functions (for the native step)
+        self._modules: list[dict] = []  # per block, the modules behind the step
         for block in decoder_blocks(model, arch):
             mod = {name: get_submodule(block, name) for name in arch.linear_names}
             attn = get_submodule(block, arch.attn)
             self.scaling = getattr(attn, "scaling", self.scaling)
             norms = arch.norms  # (attention norm, MLP norm)
-            m = dict(norm1=get_submodule(block, norms[0]), norm2=get_submodule(block, norms[1]),
-                     qkv=self._group([mod[arch.q_proj], mod[arch.k_proj], mod[arch.v_proj]], fuse),
-                     o=mod[arch.o_proj], gate_up=self._group([mod[arch.mlp_gate], mod[arch.mlp_up]], fuse),
-                     down=mod[arch.mlp_down], act=get_submodule(block, arch.mlp_gate.rsplit(".", 1)[0]).act_fn,
-                     q_norm=get_submodule(block, arch.qk_norms[0]) if arch.qk_norms else None,
-                     k_norm=get_submodule(block, arch.qk_norms[1]) if arch.qk_norms else None)
-            self._modules.append(m)
-            self.blocks.append(_Block(
-                norm1=_rmsnorm_fn(m["norm1"]), norm2=_rmsnorm_fn(m["norm2"]),
-                qkv=[_linear_fn(x, self.device) for x in m["qkv"]], o=_linear_fn(m["o"], self.device),
-                gate_up=[_linear_fn(x, self.device) for x in m["gate_up"]], down=_linear_fn(m["down"], self.device),
-                act=m["act"], q_norm=m["q_norm"], k_norm=m["k_norm"]))
-        shape = (len(self.blocks), self.n_kv, self.max_len, self.head_dim)
+            self._modules.append(dict(
+                norm1=get_submodule(block, norms[0]), norm2=get_submodule(block, norms[1]),
+                qkv=[mod[arch.q_proj], mod[arch.k_proj], mod[arch.v_proj]], o=mod[arch.o_proj],
+                gate_up=[mod[arch.mlp_gate], mod[arch.mlp_up]], down=mod[arch.mlp_down],
+                act=get_submodule(block, arch.mlp_gate.rsplit(".", 1)[0]).act_fn,
+                q_norm=get_submodule(block, arch.qk_norms[0]) if arch.qk_norms else None,
+                k_norm=get_submodule(block, arch.qk_norms[1]) if arch.qk_norms else None))
+        shape = (len(self._modules), self.n_kv, self.max_len, self.head_dim)
         self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         cos, sin = self._rope_table(model)
@@ -255,6 +250,16 @@ class CpuDecoder:
             raise AbqError(f"the native decode step cannot run this model: {self.native_reason}; "
                            "use the exact engine (--engine exact) or --engine hf")
         log.info("decode step: %s", "native (C++)" if self.native is not None else f"Python ({self.native_reason})")
+        # The Python step (every step without the native one; the prefill with it). Packed q/k/v and gate/up are
+        # fused into one layer each (a copy of their packed weights) only when it runs the decode steps too: the
+        # native step calls the layers one by one into one buffer and needs no copy.
+        fuse = fuse and self.native is None
+        for m in self._modules:
+            self.blocks.append(_Block(
+                norm1=_rmsnorm_fn(m["norm1"]), norm2=_rmsnorm_fn(m["norm2"]),
+                qkv=[_linear_fn(x, self.device) for x in self._group(m["qkv"], fuse)], o=_linear_fn(m["o"], self.device),
+                gate_up=[_linear_fn(x, self.device) for x in self._group(m["gate_up"], fuse)],
+                down=_linear_fn(m["down"], self.device), act=m["act"], q_norm=m["q_norm"], k_norm=m["k_norm"]))
 
     def _group(self, mods: list[nn.Module], fuse: bool) -> list[nn.Module]:
         """Linears that read the same input: [one fused QuantLinear] when they fuse, else as they are."""

@@ -307,14 +307,14 @@ class NativeDecoder {
     qk_ = at::empty({hq_ + hkv_, d_}, f);
   }
 
-  // Linears reading the same input: one fused layer, or their outputs written side by side.
+  // Linears reading the same input (q/k/v, gate/up): outputs written side by side into `out` [1, sum N] (a
+  // column slice of one row is contiguous, so each layer writes its part in place; no fused copy of weights).
   void run(const std::vector<std::shared_ptr<Linear>>& ls, const Tensor& in, Tensor& out) {
     if (ls.size() == 1) return (*ls[0])(in, out);
     int64_t off = 0;
     for (auto& l : ls) {
-      Tensor part = at::empty({1, l->out_features}, out.options());
+      Tensor part = out.narrow(1, off, l->out_features);
       (*l)(in, part);
-      out.narrow(1, off, l->out_features).copy_(part);
       off += l->out_features;
     }
   }

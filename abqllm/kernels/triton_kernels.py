@@ -290,7 +290,10 @@ def qlinear_kernel(x_ptr, sx_ptr, ax_ptr, qw_ptr, sw_ptr, zw_ptr, bias_ptr, y_pt
         sx = tl.load(sx_ptr + rm, mask=m_ok, other=0.0)
         acc = acc * sx[None, :]
     if HAS_BIAS:
-        bias = tl.load(bias_ptr + rn, mask=n_ok & (pid_k == 0), other=0.0).to(tl.float32)
+        # Only the first split-K partial adds the bias. The mask is built as a boolean tensor: triton 3.9's
+        # interpreter refuses the integer array that `n_ok & (pid_k == 0)` (tensor & scalar) gives it.
+        first_split = tl.full(rn.shape, pid_k, tl.int32) == 0
+        bias = tl.load(bias_ptr + rn, mask=n_ok & first_split, other=0.0).to(tl.float32)
         acc += bias[:, None]
     y_ptrs = y_ptr + rm[None, :] * stride_ym + rn[:, None]
     y_mask = n_ok[:, None] & m_ok[None, :]

@@ -27,6 +27,7 @@ import logging
 import os
 import sys
 import threading
+import time
 import weakref
 from pathlib import Path
 
@@ -73,22 +74,59 @@ def _build_key() -> str:
     return h.hexdigest()[:16]
 
 
-def build() -> None:
-    """Compile and load the extension (cached); registers torch.ops.abqllm_cpu. Raises on failure."""
-    from torch.utils import cpp_extension
+# A build older than this that still holds torch's build lock was killed mid-build (SIGKILL, OOM): the lock
+# would make every later process wait forever, so it is removed.
+STALE_LOCK_S = 600
 
+
+def build() -> None:
+    """Compile and load the extension (cached); registers torch.ops.abqllm_cpu. Raises on failure.
+
+    A finished build (marked by `built.ok`, written after the library) is loaded directly: torch's
+    cpp_extension.load takes a file lock even to find that nothing needs rebuilding, and a process killed
+    while holding it (a test, a user's kill -9, the OOM killer) would leave every later process waiting.
+    """
     key = _build_key()
     out = _cache_dir() / key
+    name = f"abqllm_cpu_{key}"
+    if (out / "built.ok").exists():
+        try:
+            _OPS.module = _load_built(out / f"{name}.so", name)
+            return
+        except (ImportError, OSError) as e:  # a damaged file: rebuild below
+            log.warning("cached CPU kernels in %s do not load (%s); rebuilding", out, e)
+            (out / "built.ok").unlink(missing_ok=True)
+    from torch.utils import cpp_extension
+
     out.mkdir(parents=True, exist_ok=True)
+    lock = out / "lock"
+    if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_S:
+        log.warning("removing a stale build lock %s (a build was killed %.0f s ago)", lock,
+                    time.time() - lock.stat().st_mtime)
+        lock.unlink(missing_ok=True)
     quiet = logging.getLogger("torch.utils.cpp_extension")  # its compiler warnings: the failure is reported once
     level = quiet.level
     quiet.setLevel(logging.ERROR)
     try:
-        _OPS.module = cpp_extension.load(name=f"abqllm_cpu_{key}", sources=[str(s) for s in SOURCES],
+        _OPS.module = cpp_extension.load(name=name, sources=[str(s) for s in SOURCES],
                                          extra_cflags=CFLAGS, extra_ldflags=LDFLAGS, extra_include_paths=[str(HERE)],
                                          build_directory=str(out), is_python_module=True, verbose=False)
     finally:
         quiet.setLevel(level)
+    (out / "built.ok").write_text(key)
+
+
+def _load_built(path: Path, name: str):
+    """Import the compiled extension module `name` from `path` (its TORCH_LIBRARY ops register on load)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot import {path}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    sys.modules[name] = module
+    return module
 
 
 def _why(e: Exception) -> str:

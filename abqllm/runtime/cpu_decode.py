@@ -15,6 +15,11 @@ Linears are resolved once: an nn.Linear becomes `F.linear` on its weight, a Quan
 the kernel the registry picks for it (the same choice its forward would make), called without the
 per-call lookup. The model is not modified.
 
+Decode steps (one token) go through the native C++ step of abqllm/kernels/cpu/abq_cpu_decode.cpp when it can
+run the model (fp32, SiLU, Llama RMSNorm, every linear fp32 or on the `cpu` kernel): the same loop in one C++
+call, sharing this decoder's KV cache. `exact=True` makes it call torch's own norm, SDPA and SiLU (bit-identical
+to the loop above); `exact=False` uses its own (faster, equal to float rounding). See ENGINES below.
+
 Supported: the ArchSpecs whose block is the plain pre-norm Llama layout (llama, mistral, qwen2,
 qwen3 with its q/k norms) with RMSNorm and default/linear/llama3/yarn rotary tables and no active
 sliding window. Anything else raises AbqError; use the Hugging Face path (`--engine hf`).

@@ -115,3 +115,16 @@ def test_auto_init_without_transforms_tries_no_awq_search(monkeypatch):
     monkeypatch.setattr(AWQ, "search", lambda *a, **k: pytest.fail("AWQ searched without transforms"))
     result = ABQ(epochs=0, smooth=False).calibrate(_ctx(model, "W2*A16"))
     assert not any(k.startswith("smooth.") for k in result)
+
+
+def test_clip_start_with_quantized_activations_is_weighted_by_the_inputs():
+    # identity transforms leave every linear's input as it is, so the clip grid must start where
+    # it starts without transforms (it used to run unweighted there and clip the busy columns)
+    model, _ = make_tiny_llama()
+    ctx = _ctx(model, "W4A8")
+    ctx.x_fp[..., :3] *= 20
+    ctx.x_q = ctx.x_fp.clone()
+    with_t = ABQ(epochs=0, init="identity").calibrate(ctx)
+    without = ABQ(epochs=0, smooth=False).calibrate(ctx)
+    clips = [k for k in without if k.startswith("clip.")]
+    assert clips and all(torch.equal(with_t[k], without[k]) for k in clips)

@@ -29,6 +29,7 @@
 #include <string>
 #include <vector>
 
+#include "abq_cpu.h"
 #include "abq_cpu_torch.h"
 
 namespace abqcpu_torch {
@@ -68,15 +69,6 @@ float dot_plain(const float* a, const float* b, int64_t n) {
 }
 void axpy_plain(float a, const float* x, float* y, int64_t n) {
   for (int64_t i = 0; i < n; i++) y[i] += a * x[i];
-}
-
-bool has_avx2_fma() {
-#if defined(__x86_64__) || defined(__i386__)
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-#else
-  return false;
-#endif
 }
 
 // ---- the pieces of a block --------------------------------------------------------------------------
@@ -171,7 +163,7 @@ class NativeDecoder {
     hidden_ = embed.size(1);
     max_len_ = cos.size(0);
     check_vec(final_norm, hidden_, "final norm");
-    const bool fast = has_avx2_fma();
+    const bool fast = abqcpu::best_isa() >= abqcpu::ISA_AVX2;  // the kernels' own CPU check (AVX2 + FMA + F16C)
     dot_ = fast ? dot_avx2 : dot_plain;
     axpy_ = fast ? axpy_avx2 : axpy_plain;
   }
@@ -274,18 +266,7 @@ class NativeDecoder {
     return logits_[0];
   }
 
-  // Greedy: the argmax token of step() (first index on ties, like torch.argmax).
-  int64_t step_greedy(int64_t token, int64_t pos) {
-    const Tensor l = step(token, pos);
-    const float* p = l.data_ptr<float>();
-    int64_t best = 0;
-    for (int64_t i = 1; i < l.numel(); i++)
-      if (p[i] > p[best]) best = i;
-    return best;
-  }
-
   int64_t max_len() const { return max_len_; }
-  int64_t num_blocks() const { return (int64_t)blocks_.size(); }
 
  private:
   static void check_vec(const Tensor& t, int64_t n, const char* what) {
@@ -453,9 +434,7 @@ void bind_decoder(pybind11::module& m) {
            py::arg("gate_up"), py::arg("down"), py::arg("q_norm"), py::arg("k_norm"), py::arg("k_cache"),
            py::arg("v_cache"))
       .def("step", &NativeDecoder::step, py::call_guard<py::gil_scoped_release>())
-      .def("step_greedy", &NativeDecoder::step_greedy, py::call_guard<py::gil_scoped_release>())
-      .def_property_readonly("max_len", &NativeDecoder::max_len)
-      .def_property_readonly("num_blocks", &NativeDecoder::num_blocks);
+      .def_property_readonly("max_len", &NativeDecoder::max_len);
 }
 
 }  // namespace abqcpu_torch

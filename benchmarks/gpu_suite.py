@@ -68,10 +68,14 @@ def parse_args(argv=None):
     ap.add_argument("--cpu", action="store_true", help="no GPU: tiny shapes, Triton interpreter, no graphs")
     ap.add_argument("--quick", action="store_true", help="fewer widths, shapes and batch sizes (a smoke run)")
     ap.add_argument("--skip", default="", help=f"comma-separated sections to skip: {','.join(SECTIONS)}")
+    ap.add_argument("--only", default="", help="comma-separated sections to run (the others are skipped); results "
+                    "merge into an existing results.json, so gpu_suite.sh runs each step in its own process and a "
+                    "CUDA fault in one step cannot lose the others")
     ap.add_argument("--group-size", type=int, default=128, help="weight group size for timings (0 = per-channel)")
     ap.add_argument("--layers", type=int, default=32, help="decoder layers in the end-to-end model (7B: 32)")
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--warmup-timeout-s", type=float, default=150.0)
     ap.add_argument("--calls", type=int, default=20, help="kernel calls captured per CUDA graph")
     ap.add_argument("--replays", type=int, default=7, help="timed graph replays (median taken)")
     ap.add_argument("--kernel-budget-s", type=float, default=250.0,
@@ -80,9 +84,12 @@ def parse_args(argv=None):
                     help="nothing new starts after this many seconds (keep it under the caller's timeout)")
     args = ap.parse_args(argv)
     args.skip = {s for s in args.skip.split(",") if s}
-    unknown = args.skip - set(SECTIONS)
+    only = {s for s in args.only.split(",") if s}
+    unknown = (args.skip | only) - set(SECTIONS)
     if unknown:
-        ap.error(f"unknown sections to skip: {sorted(unknown)}")
+        ap.error(f"unknown sections: {sorted(unknown)}")
+    if only:
+        args.skip |= set(SECTIONS) - only
     return args
 
 
@@ -108,8 +115,10 @@ T0 = time.time()
 class Results:
     def __init__(self, out: Path):
         self.out = out
-        self.data: dict = {}
         out.mkdir(parents=True, exist_ok=True)
+        path = out / "results.json"
+        # merge: each step of gpu_suite.sh is its own process and adds its sections to the same file
+        self.data: dict = json.loads(path.read_text()) if path.exists() else {}
 
     def put(self, section: str, value) -> None:
         self.data[section] = value
@@ -287,7 +296,13 @@ def section_warmup(dev, args) -> dict:
     chunks = [items[i::workers] for i in range(workers)]
     t = time.time()
     with mp.get_context("spawn").Pool(workers) as pool:
-        errors = [e for errs in pool.map(_warm_worker, chunks) for e in errs]
+        # a worker killed by a CUDA fault would make a plain map wait forever: bound it
+        pending = pool.map_async(_warm_worker, chunks)
+        try:
+            errors = [e for errs in pending.get(timeout=args.warmup_timeout_s) for e in errs]
+        except mp.TimeoutError:
+            errors = [f"warm-up not finished after {args.warmup_timeout_s:.0f}s; the rest compiles on first use"]
+            pool.terminate()
     log(f"warmup: {len(items)} distinct launches compiled by {workers} processes in {time.time() - t:.0f}s, "
         f"{len(errors)} errors")
     return dict(variants=len(items), workers=workers, seconds=round(time.time() - t, 1), errors=errors)
@@ -736,9 +751,16 @@ def main(args) -> int:
         log("no CUDA device: use --cpu for the interpreter smoke run")
         return 2
     res = Results(Path(args.out))
-    res.put("args", {k: (sorted(v) if isinstance(v, set) else v) for k, v in vars(args).items()})
+    ran = [x for x in SECTIONS if x not in args.skip]
+    res.data.setdefault("steps", []).append({"sections": ran, **{k: (sorted(v) if isinstance(v, set) else v)
+                                                                 for k, v in vars(args).items()}})
+    res.save()
     status = 0
-    ceil = None
+    ceil = res.data.get("ceilings") if isinstance(res.data.get("ceilings"), dict) else None
+    if ceil and "bandwidth_Bps" in ceil:  # measured by an earlier step of the same run
+        _BW["bw"] = ceil["bandwidth_Bps"]
+    else:
+        ceil = None
     for section in SECTIONS:
         if section in args.skip:
             continue
@@ -769,10 +791,11 @@ def main(args) -> int:
             status = 1
         (res.out / "results.md").write_text(render(res.data))
     log(f"wrote {res.out / 'results.json'} and {res.out / 'results.md'}")
-    print(render({k: v for k, v in res.data.items() if k in ("env", "ceilings", "correctness")}))
-    kr = res.data.get("kernels", {})
-    if isinstance(kr, dict) and kr.get("rows"):
-        print("\n".join(_render_targets(kr["rows"])))
+    if not args.only:  # gpu_suite.sh prints the summary once, after its last step
+        print(render({k: v for k, v in res.data.items() if k in ("env", "ceilings", "correctness")}))
+        kr = res.data.get("kernels", {})
+        if isinstance(kr, dict) and kr.get("rows"):
+            print("\n".join(_render_targets(kr["rows"])))
     return status
 
 

@@ -1,20 +1,42 @@
 #!/usr/bin/env bash
-# The whole GPU check of the kernels in one call (planned for < 10 minutes on one H100):
+# The whole GPU check of the kernels in one call, finished within DEADLINE seconds (default 470) on one H100:
 #   1. environment (nvidia-smi, versions); peer-kernel wheels from .whl/ if carried
-#   2. the GPU tests: pytest -m gpu tests/kernels/test_gpu.py (parallel with pytest-xdist when present)
-#   3. benchmarks/gpu_suite.py: parallel compile warm-up, ceilings, SASS check, correctness sweep,
-#      kernel timings with baselines, end-to-end decode
+#   2. the GPU tests (pytest -m gpu tests/kernels/test_gpu.py) in the background, while the suite compiles
+#   3. benchmarks/gpu_suite.py, one process per step so that a CUDA fault in one step cannot lose the others
+#      (each merges its sections into the same results.json):
+#        warm      env + parallel Triton compile warm-up
+#        check     SASS of the CUDA binary kernel + correctness sweep against the float64 reference
+#        kernels   ceilings (bandwidth, fp16/bf16/int8 peaks) + kernel timings with baselines + tile sweep
+#        e2e       end-to-end decode of a Llama-2-7B-shaped model
 # Everything lands in $OUT (default out/gpu_suite): env.txt, pytest_gpu.txt, suite.log, results.json,
-# results.md. Extra arguments go to gpu_suite.py (e.g. --quick, --skip e2e, --layers 16).
-# On the device machine:  bash benchmarks/gpu_suite.sh            (name .whl in carry for GemLite)
+# results.md. Extra arguments go to every gpu_suite.py step (e.g. --quick, --layers 16).
+# On the device machine:  bash benchmarks/gpu_suite.sh     (name .whl in carry for GemLite; timeout_s > DEADLINE)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/out/gpu_suite}"
 mkdir -p "$OUT"
 PY="${PYTHON:-python3}"
+DEADLINE="${DEADLINE:-470}"
+START=$SECONDS
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export ABQLLM_CACHE="${ABQLLM_CACHE:-/tmp/abqllm_cache}" TRITON_CACHE_DIR="${TRITON_CACHE_DIR:-/tmp/abqllm_triton_cache}"
 unset TRITON_INTERPRET
+
+left() { echo $((DEADLINE - (SECONDS - START))); }
+
+# step NAME CAP_SECONDS SECTIONS [extra gpu_suite.py args]: runs under min(CAP, time left); the step's own
+# budgets (--budget-s, --kernel-budget-s) are set from that so it ends on its own before the timeout.
+step() {
+  local name=$1 cap=$2 sections=$3; shift 3
+  local t; t=$(left); ((t > cap)) && t=$cap
+  if ((t < 20)); then echo "step $name skipped: $(left)s left"; return; fi
+  echo "== step $name ($sections), up to ${t}s, at $((SECONDS - START))s"
+  timeout -k 10 "$t" "$PY" benchmarks/gpu_suite.py --out "$OUT" --only "$sections" \
+    --budget-s $((t - 25)) --kernel-budget-s $((t - 60)) "$@" "${EXTRA[@]}" 2>&1 \
+    | tee -a "$OUT/suite.log" | grep -v "^{" | tail -25
+  echo "step $name: exit ${PIPESTATUS[0]} at $((SECONDS - START))s"
+}
+EXTRA=("$@")
 
 if ls .whl/*.whl >/dev/null 2>&1; then  # optional peers (GemLite): benchmarks/gpu/fetch_peer_wheels.sh
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/abqllm_site .whl/*.whl \
@@ -22,15 +44,29 @@ if ls .whl/*.whl >/dev/null 2>&1; then  # optional peers (GemLite): benchmarks/g
 fi
 
 { date -u; nvidia-smi; "$PY" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
-  nvcc --version | tail -2; } > "$OUT/env.txt" 2>&1
-head -20 "$OUT/env.txt"
+  nvcc --version | tail -2; nproc; } > "$OUT/env.txt" 2>&1
+grep -E "H100|H200|torch|release" "$OUT/env.txt" | head -5
 
 XDIST=""
-"$PY" -c "import xdist" 2>/dev/null && XDIST="-n 8"
-timeout "${PYTEST_BUDGET:-160}" "$PY" -m pytest -q -p no:cacheprovider -m gpu $XDIST tests/kernels/test_gpu.py \
-  > "$OUT/pytest_gpu.txt" 2>&1
-echo "pytest -m gpu: exit $? ($(tail -1 "$OUT/pytest_gpu.txt"))"
-grep -E "^(FAILED|ERROR)" "$OUT/pytest_gpu.txt" | head -20
+"$PY" -c "import xdist" 2>/dev/null && XDIST="-n 4"
+timeout -k 10 "${PYTEST_BUDGET:-170}" "$PY" -m pytest -v -p no:cacheprovider -m gpu $XDIST tests/kernels/test_gpu.py \
+  > "$OUT/pytest_gpu.txt" 2>&1 &
+PYTEST_PID=$!
 
-timeout "${SUITE_BUDGET:-420}" "$PY" benchmarks/gpu_suite.py --out "$OUT" "$@" 2>&1 | tee "$OUT/suite.log" | grep -v "^{" | tail -60
-echo "suite exit ${PIPESTATUS[0]}; results in $OUT"
+step warm 120 env,warmup --warmup-timeout-s 100
+step check 50 sass,correctness
+wait "$PYTEST_PID"
+echo "pytest -m gpu: exit $? at $((SECONDS - START))s ($(tail -1 "$OUT/pytest_gpu.txt"))"
+grep -E "(FAILED|ERROR)" "$OUT/pytest_gpu.txt" | head -15
+step kernels 180 ceilings,kernels
+step e2e 400 e2e
+"$PY" - "$OUT" <<'PYEOF'
+import json, sys
+sys.path.insert(0, ".")
+from benchmarks.gpu_suite import render, _render_targets  # noqa: E402
+out = sys.argv[1]
+data = json.load(open(f"{out}/results.json"))
+open(f"{out}/results.md", "w").write(render(data))
+print("\n".join(_render_targets(data.get("kernels", {}).get("rows", []))))
+PYEOF
+echo "done at $((SECONDS - START))s; results in $OUT"

@@ -301,3 +301,82 @@ def qlinear_kernel(x_ptr, sx_ptr, ax_ptr, qw_ptr, sw_ptr, zw_ptr, bias_ptr, y_pt
         tl.atomic_add(y_ptrs, acc, mask=y_mask)
     else:
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=y_mask)
+
+
+# GEMV for power-of-two storage widths (1, 2, 4, 8 bits), one activation row per program: the decode path.
+# The first GPU run (benchmarks/results/gpu_h100_2026-11-28_run1) put qlinear_kernel's M = 1 path at 0.1-0.3
+# of the memory roofline. Here each program streams BN rows in chunks of NG groups x CW words (loaded as one
+# [BN, NG, CW] tile, contiguous along K, so the loads vectorize), expands every word into its 32/BITS codes
+# with constant shifts ([BN, NG, CW, PER], a word's codes stay in one thread), multiplies by x in fp32 and
+# reduces each group before its scale is applied. Integer activations enter as the exact integers
+# u - z = xq + a: (w - z_w)(u - z_x) <= 255^2 and a group of <= 256 columns sums exactly in fp32 (< 2^24), so
+# the result equals the integer formula up to the float32 rounding of the scale products.
+@triton.jit(do_not_specialize=["N", "K", "KW", "G", "stride_xm", "stride_ym", "CHUNKS_PER_SPLIT"])
+def gemv_kernel(x_ptr, sx_ptr, ax_ptr, qw_ptr, sw_ptr, zw_ptr, bias_ptr, y_ptr,
+                N, K, KW, G, stride_xm, stride_ym, CHUNKS_PER_SPLIT,
+                BITS: tl.constexpr, GS: tl.constexpr, INT_PATH: tl.constexpr, A_OFFSET: tl.constexpr,
+                HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, BN: tl.constexpr, NG: tl.constexpr,
+                CW: tl.constexpr, PER: tl.constexpr, ALIGNED: tl.constexpr):
+    if ALIGNED:  # as in qlinear_kernel: passed divided so that Triton sees the divisibility and vectorizes
+        K = K * 16
+        KW = KW * 4
+        stride_xm = stride_xm * 16
+    pid_n = tl.program_id(0)
+    row = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    rn = pid_n * BN + tl.arange(0, BN)
+    n_ok = rn < N
+    rn4 = rn[:, None, None, None]
+    n_ok4 = n_ok[:, None, None, None]
+    g4 = tl.arange(0, NG)[None, :, None, None]
+    w4 = tl.arange(0, CW)[None, None, :, None]
+    j4 = tl.arange(0, PER)[None, None, None, :]
+    shifts = (j4 * BITS).to(tl.uint32)
+    x_row = x_ptr + row.to(tl.int64) * stride_xm
+    w_rows = qw_ptr + rn4.to(tl.int64) * KW
+    if A_OFFSET:
+        a = tl.load(ax_ptr + row).to(tl.float32)
+    else:
+        a = 0.0
+    # The zero point enters through the group's sum of x: sum (w - z_w) x = sum w x - z_w sum x, so zeros and
+    # scales are only touched on the reduced [BN, NG] tensor, never per code.
+    acc = tl.zeros((BN, NG, 1, 1), tl.float32)
+    acc_x = tl.zeros((1, NG, 1, 1), tl.float32)  # per-channel only: sum of x over the split
+    c_lo = pid_k * CHUNKS_PER_SPLIT
+    c_hi = tl.minimum(c_lo + CHUNKS_PER_SPLIT, tl.cdiv(KW, NG * CW))
+    for ci in range(c_lo, c_hi):
+        widx = ci * (NG * CW) + g4 * CW + w4  # [1, NG, CW, 1] word index within the row
+        words = tl.load(w_rows + widx, mask=n_ok4 & (widx < KW), other=0)  # [BN, NG, CW, 1]
+        codes = ((words.to(tl.uint32, bitcast=True) >> shifts) & ((1 << BITS) - 1)).to(tl.float32)
+        kidx = widx * PER + j4  # [1, NG, CW, PER] column of each code
+        xv = tl.load(x_row + kidx, mask=kidx < K, other=0).to(tl.float32)
+        if INT_PATH:
+            xv = tl.where(kidx < K, xv + a, 0.0)  # u - z_x; columns past K stay 0
+        wx = tl.sum(tl.sum(codes * xv, axis=3, keep_dims=True), axis=2, keep_dims=True)  # [BN, NG, 1, 1]
+        xs = tl.sum(tl.sum(xv, axis=3, keep_dims=True), axis=2, keep_dims=True)  # [1, NG, 1, 1]
+        if GS == 0:
+            acc += wx
+            acc_x += xs
+        else:
+            gidx = ci * NG + g4  # [1, NG, 1, 1]
+            meta = rn4 * G + gidx
+            m_ok = n_ok4 & (gidx < G)
+            zw = tl.load(zw_ptr + meta, mask=m_ok, other=0).to(tl.float32)
+            sw = tl.load(sw_ptr + meta, mask=m_ok, other=0.0).to(tl.float32)
+            acc += (wx - zw * xs) * sw
+    if GS == 0:
+        zw_c = tl.load(zw_ptr + rn4, mask=n_ok4, other=0).to(tl.float32)
+        acc = acc - zw_c * acc_x
+    out = tl.sum(tl.reshape(acc, (BN, NG)), axis=1)
+    if GS == 0:
+        out = out * tl.load(sw_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
+    if INT_PATH:
+        out = out * tl.load(sx_ptr + row)
+    if HAS_BIAS:
+        first_split = tl.full(rn.shape, pid_k, tl.int32) == 0
+        out += tl.load(bias_ptr + rn, mask=n_ok & first_split, other=0.0).to(tl.float32)
+    y_ptrs = y_ptr + row.to(tl.int64) * stride_ym + rn
+    if ATOMIC:
+        tl.atomic_add(y_ptrs, out, mask=n_ok)
+    else:
+        tl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=n_ok)

@@ -47,6 +47,47 @@ class Config:
     group_m: int = 8
 
 
+@dataclass(frozen=True)
+class GemvConfig:
+    """Launch parameters of gemv_kernel (the decode path for 1/2/4/8-bit storage): BN rows per program,
+    `words` packed words of each row per loop iteration (rounded to whole groups), split_k = 0: automatic."""
+    bn: int = 32
+    words: int = 32
+    split_k: int = 0
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+GEMV_BITS = (1, 2, 4, 8)
+GEMV_MAX_M = 1  # rows up to which `auto` takes the GEMV (each row re-streams the weights)
+# Automatic split-K of the GEMV: enough programs for this many per SM.
+GEMV_PROGRAMS_PER_SM = 4
+
+
+def gemv_supported(storage_bits: int, group_size: int) -> bool:
+    """Power-of-two storage widths, per-channel or groups spanning a power-of-two number of words."""
+    if storage_bits not in GEMV_BITS:
+        return False
+    words = group_size * storage_bits // WORD
+    return group_size == 0 or (words > 0 and words & (words - 1) == 0)
+
+
+def gemv_plan(k: int, n: int, storage_bits: int, group_size: int, cfg: GemvConfig, sms: int) -> dict:
+    """NG groups of CW words per iteration, the split (splits start on chunk boundaries), K_PER_SPLIT."""
+    per_word = WORD // storage_bits
+    if group_size:
+        cw = group_size * storage_bits // WORD
+        ng = max(1, triton_next_pow2(cfg.words) // cw)
+    else:
+        cw, ng = triton_next_pow2(cfg.words), 1
+    chunk = ng * cw * per_word
+    units = -(-k // chunk)
+    split = cfg.split_k or max(1, GEMV_PROGRAMS_PER_SM * sms // max(1, -(-n // cfg.bn)))
+    split = max(1, min(units, split))
+    per = -(-units // split)
+    return dict(NG=ng, CW=cw, PER=per_word, split=-(-units // per), chunks_per_split=per)
+
+
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -228,7 +269,16 @@ def qlinear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros:
         x2 = x2.contiguous()
     m = x2.shape[0]
     int_path = act_bits != 16
+    if isinstance(config, GemvConfig) or (config is None and 0 < m <= GEMV_MAX_M
+                                           and gemv_supported(storage_bits, group_size)):
+        if not gemv_supported(storage_bits, group_size):
+            raise ValueError(f"the GEMV path needs 1/2/4/8-bit storage and power-of-two words per group, "
+                             f"got {storage_bits} bits, group size {group_size}")
+        return _qlinear_gemv(x2, qweight, scales, zeros, bias, act_scale, act_zero, k, storage_bits, group_size,
+                             act_bits, act_symmetric, config or GemvConfig(), out).reshape(*shape[:-1], n)
     cfg = config or default_config(m, n, k, group_size, int_path, x.device)
+    if group_size and cfg.bk > group_size:  # the kernel steps through each group in whole BK tiles
+        cfg = replace(cfg, bk=_bk_for(group_size, cfg.bk))
     split, k_per_split = split_plan(k, group_size, cfg, int_path)
     out_dtype = x.dtype
     if out is not None and (out.dtype != out_dtype or not out.is_contiguous() or out.numel() != m * n):
@@ -261,6 +311,48 @@ def qlinear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros:
     if split > 1:
         y = out.view(m, n).copy_(y) if out is not None else y.to(out_dtype)
     return y.reshape(*shape[:-1], n)
+
+
+def gemv_constexprs(storage_bits, group_size, act_bits, act_symmetric, has_bias, split, cfg, plan, aligned) -> dict:
+    int_path = act_bits != 16
+    return dict(BITS=storage_bits, GS=group_size, INT_PATH=int_path,
+                A_OFFSET=int_path and not act_center_exact(act_bits, act_symmetric), HAS_BIAS=has_bias,
+                ATOMIC=split > 1, BN=cfg.bn, NG=plan["NG"], CW=plan["CW"], PER=plan["PER"], ALIGNED=aligned)
+
+
+def _qlinear_gemv(x2, qweight, scales, zeros, bias, act_scale, act_zero, k, storage_bits, group_size, act_bits,
+                  act_symmetric, cfg: GemvConfig, out):
+    m, n = x2.shape[0], qweight.shape[0]
+    dev = x2.device
+    sms = _num_sms(dev.index or 0) if dev.type == "cuda" else 4
+    plan = gemv_plan(k, n, storage_bits, group_size, cfg, sms)
+    out_dtype = x2.dtype
+    if out is not None and (out.dtype != out_dtype or not out.is_contiguous() or out.numel() != m * n):
+        raise ValueError("out must be a contiguous tensor of x's dtype with [..., N] elements")
+    split = plan["split"]
+    if split > 1:
+        y = torch.zeros(m, n, dtype=torch.float32, device=dev)
+    elif out is not None:
+        y = out.view(m, n)
+    else:
+        y = torch.empty(m, n, dtype=out_dtype, device=dev)
+    int_path = act_bits != 16
+    if int_path:
+        a_in, sx, ax = act_quant(x2, act_bits, act_symmetric, act_scale, act_zero)
+    else:
+        a_in, sx, ax = x2, scales, scales  # unused on the float path
+    grid = (-(-n // cfg.bn), m, split)
+    kw, sxm = qweight.shape[1], a_in.stride(0)
+    aligned = kw % 4 == 0 and sxm % 16 == 0 and k % 16 == 0
+    _kernels().gemv_kernel[grid](
+        a_in, sx, ax, qweight, scales, zeros, bias if bias is not None else scales, y,
+        n, k // 16 if aligned else k, kw // 4 if aligned else kw, scales.shape[1], sxm // 16 if aligned else sxm, y.stride(0),
+        plan["chunks_per_split"], **gemv_constexprs(storage_bits, group_size, act_bits, act_symmetric,
+                                                    bias is not None, split, cfg, plan, aligned),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if split > 1:
+        y = out.view(m, n).copy_(y) if out is not None else y.to(out_dtype)
+    return y
 
 
 def qlinear_constexprs(storage_bits: int, group_size: int, act_bits: int, act_symmetric: bool, has_bias: bool,
@@ -308,6 +400,34 @@ def aot_compile(m: int, n: int, k: int, storage_bits: int, group_size: int, act_
            **{c: "constexpr" for c in const}}
     names = fn.arg_names
     # What Triton's launcher specializes at run time: 16-byte aligned pointers (sizes are not specialized).
+    attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in ptr}
+    src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(c),): v for c, v in const.items()}, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                          options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+
+
+def aot_compile_gemv(n: int, k: int, storage_bits: int, group_size: int, act_bits: int, act_symmetric: bool = False,
+                     has_bias: bool = False, x_dtype: torch.dtype = torch.float16, config: GemvConfig | None = None,
+                     arch: int = 90):
+    """Compile the gemv_kernel launch for sm_<arch> without a GPU (as aot_compile does for qlinear_kernel)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    cfg = config or GemvConfig()
+    plan = gemv_plan(k, n, storage_bits, group_size, cfg, 132)
+    int_path = act_bits != 16
+    kw = -(-k // 32) * storage_bits
+    const = gemv_constexprs(storage_bits, group_size, act_bits, act_symmetric, has_bias, plan["split"], cfg, plan,
+                            aligned=kw % 4 == 0 and k % 16 == 0)
+    xt = _TRITON_TYPE[x_dtype]
+    ptr = dict(x_ptr="*i8" if int_path else f"*{xt}", sx_ptr="*fp32" if int_path else "*fp16",
+               ax_ptr="*i32" if int_path else "*fp16", qw_ptr="*i32", sw_ptr="*fp16", zw_ptr="*u8",
+               bias_ptr=f"*{xt}" if has_bias else "*fp16", y_ptr="*fp32" if plan["split"] > 1 else f"*{xt}")
+    fn = _kernels().gemv_kernel
+    sig = {**ptr, **{a: "i32" for a in ("N", "K", "KW", "G", "stride_xm", "stride_ym", "CHUNKS_PER_SPLIT")},
+           **{c: "constexpr" for c in const}}
+    names = fn.arg_names
     attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in ptr}
     src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(c),): v for c, v in const.items()}, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32),

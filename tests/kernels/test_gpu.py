@@ -179,3 +179,20 @@ def test_cpu_quantized_layer_runs_on_gpu_with_auto():
     lg = layer.to(DEV)
     assert registry.select("linear", "auto", lg, DEV).name == "triton"
     check_close(lg(x.to(DEV)), ref, torch.float16)
+
+
+# The GEMV decode path with the tile shapes the GPU suite sweeps (split-K, several groups per iteration).
+GEMV_CONFIGS = [TL.GemvConfig(), TL.GemvConfig(bn=16, words=64, split_k=3), TL.GemvConfig(bn=64, words=16, num_warps=8),
+                TL.GemvConfig(bn=8, words=32, num_warps=2, split_k=1)]
+
+
+@pytest.mark.parametrize("cfg", GEMV_CONFIGS, ids=lambda c: f"bn{c.bn}w{c.words}s{c.split_k}nw{c.num_warps}")
+@pytest.mark.parametrize("w,a,gs,k", [("4", 16, 128, 4096), ("2", 8, 64, 576), ("8", 8, 0, 1000), ("1", 4, 128, 2048),
+                                      ("4", 8, 0, 4096)])
+def test_gemv_matches_reference(cfg, w, a, gs, k):
+    layer = make_layer(w, a, gs, 300, k, bias=True, seed=k)
+    x = random_x(1, k, torch.float16, seed=1)
+    ref = linear_reference(layer, x.double())
+    lg = copy.deepcopy(layer).to(DEV)
+    out = torch.full((1, 300), float("nan"), dtype=torch.float16, device=DEV)
+    check_close(TL.qlinear(x.to(DEV), **TL.layer_args(lg), config=cfg, out=out), ref, torch.float16)

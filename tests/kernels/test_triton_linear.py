@@ -172,6 +172,30 @@ else:
         x = random_x(m, k, torch.float16, seed=m)
         check_close(run_layer(layer, x, cfg), linear_reference(layer, x.double()), torch.float16)
 
+    # The GEMV decode path (1/2/4/8-bit storage; `auto` takes it at M = 1): several groups per iteration,
+    # split-K with atomics, short last groups, K not a multiple of 32, per-channel, rows > 1, both offsets.
+    GEMV_CASES = [
+        ("W4A16 g128 2 groups/iter", 4, 16, 128, 1, 40, 576, torch.float16, TL.GemvConfig(bn=16, words=32, split_k=2)),
+        ("W2A8 g64 split3", 2, 8, 64, 1, 24, 384, torch.bfloat16, TL.GemvConfig(bn=8, words=16, split_k=3)),
+        ("W1A4 per-channel M2", 1, 4, 0, 2, 16, 200, torch.float16, TL.GemvConfig(bn=16, words=8)),
+        ("W8A8 per-channel split2", 8, 8, 0, 1, 20, 100, torch.float16, TL.GemvConfig(bn=8, words=16, split_k=2)),
+        ("W8A16 g32 M3", 8, 16, 32, 3, 17, 96, torch.float32, TL.GemvConfig(bn=16, words=8)),
+        ("W4A8 g32 split5", 4, 8, 32, 1, 33, 160, torch.float16, TL.GemvConfig(bn=32, words=4, split_k=5)),
+        ("W2A16 per-channel", 2, 16, 0, 1, 24, 1000, torch.bfloat16, TL.GemvConfig(bn=8, words=4, split_k=4)),
+    ]
+
+    @pytest.mark.parametrize("name,w,a,gs,m,n,k,dtype,cfg", GEMV_CASES, ids=[c[0] for c in GEMV_CASES])
+    def test_gemv_matches_reference(name, w, a, gs, m, n, k, dtype, cfg):
+        layer = make_layer(w, a, gs, n, k, bias=m == 1, seed=n + k)
+        x = random_x(m, k, dtype, seed=k)
+        check_close(run_layer(layer, x, cfg), linear_reference(layer, x.double()), dtype)
+
+    def test_gemv_refuses_odd_widths():
+        layer = make_layer("2*", 8, 0, 16, 64)
+        with pytest.raises(ValueError, match="GEMV path needs"):
+            run_layer(layer, random_x(1, 64, torch.float16, seed=0), TL.GemvConfig())
+        assert not TL.gemv_supported(3, 128) and not TL.gemv_supported(4, 96) and TL.gemv_supported(4, 128)
+
     @pytest.mark.parametrize("w,a", [(8, 8), (4, 16)])
     def test_per_channel_splits_stay_short(monkeypatch, w, a):
         monkeypatch.setattr(TL, "FLUSH_COLS", 64)  # int32 segments of at most 64 columns: 5 splits at K = 320

@@ -8,5 +8,5 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/site"
 fi
 timeout -k 5 195 python3 benchmarks/gpu/gemv_check.py --out "$OUT" --budget-s 185 2>&1 | tee "$OUT/gemv.log"
-timeout -k 5 50 python3 -m pytest -q -p no:cacheprovider -m gpu -n 4 tests/kernels/test_gpu.py -k "gemv or triton_configs or triton_matches" > "$OUT/pytest.txt" 2>&1
+timeout -k 5 50 python3 -m pytest -q -p no:cacheprovider -m gpu -n 4 tests/kernels/test_gpu.py -k "gemv or triton_configs" > "$OUT/pytest.txt" 2>&1
 echo "pytest exit $?: $(tail -1 "$OUT/pytest.txt")"; grep -E "^FAILED" "$OUT/pytest.txt" | head

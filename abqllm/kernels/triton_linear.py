@@ -59,6 +59,10 @@ class GemvConfig:
 
 
 GEMV_BITS = (1, 2, 4, 8)
+# Widths for which `auto` takes the GEMV at M = 1: only where it measured faster than qlinear_kernel's M = 1
+# path on the H100 (benchmarks/results/gpu_h100_2026-11-28_gemv, N = K = 8192: W2A16 44.3 vs 49.9 us, W2A8
+# 48.8 vs 74.7 us; but W4A16 93.5 vs 68.4, W8A8 175.3 vs 112.4). Both are far from the memory roofline.
+GEMV_AUTO_BITS = (2,)
 GEMV_MAX_M = 1  # rows up to which `auto` takes the GEMV (each row re-streams the weights)
 # Automatic split-K of the GEMV: enough programs for this many per SM.
 GEMV_PROGRAMS_PER_SM = 4
@@ -269,7 +273,7 @@ def qlinear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros:
         x2 = x2.contiguous()
     m = x2.shape[0]
     int_path = act_bits != 16
-    if isinstance(config, GemvConfig) or (config is None and 0 < m <= GEMV_MAX_M
+    if isinstance(config, GemvConfig) or (config is None and 0 < m <= GEMV_MAX_M and storage_bits in GEMV_AUTO_BITS
                                            and gemv_supported(storage_bits, group_size)):
         if not gemv_supported(storage_bits, group_size):
             raise ValueError(f"the GEMV path needs 1/2/4/8-bit storage and power-of-two words per group, "

@@ -163,6 +163,9 @@ def _bench_args(sub):
     c.add_argument("--new-tokens", type=int, default=128, help="generated tokens (default 128)")
     c.add_argument("--threads", type=int, default=2, help="threads for torch and llama.cpp (default 2)")
     c.add_argument("--runs", type=int, default=3, help="timed runs after one warm-up; medians reported (default 3)")
+    c.add_argument("--rounds", type=int, default=1,
+                   help="run every configuration once per round, rounds interleaved in time; report the median "
+                        "of the rounds (default 1). Use 3-5 on a shared machine whose speed drifts")
     c.add_argument("--engine", default="fast",
                    help="fast (default), exact, python (see abq generate --help) or hf (model.generate)")
     c.add_argument("--kernel", default="auto", help="linear kernel for quantized layers (default auto)")
@@ -364,11 +367,12 @@ def cmd_bench(a) -> dict:
     from abqllm.runtime.bench import BenchSettings, format_table, run_cpu_bench
 
     s = BenchSettings(model=a.model, configs=a.configs, prompt_len=a.prompt_len, new_tokens=a.new_tokens,
-                      threads=a.threads, runs=a.runs, engine=a.engine, kernel=a.kernel, work=a.work,
-                      llama_cpp=a.llama_cpp, gguf=a.gguf, gguf_formats=a.gguf_formats)
+                      threads=a.threads, runs=a.runs, rounds=a.rounds, engine=a.engine, kernel=a.kernel,
+                      work=a.work, llama_cpp=a.llama_cpp, gguf=a.gguf, gguf_formats=a.gguf_formats)
     result = run_cpu_bench(s, log=lambda msg: print(msg, flush=True))
     result["command"] = (f"abq bench cpu --model {a.model} --configs '{a.configs}' --prompt-len {a.prompt_len} "
-                         f"--new-tokens {a.new_tokens} --threads {a.threads} --runs {a.runs} --engine {a.engine} "
+                         f"--new-tokens {a.new_tokens} --threads {a.threads} --runs {a.runs} --rounds {a.rounds} "
+                         f"--engine {a.engine} "
                          f"--llama-cpp {a.llama_cpp} --gguf-formats {a.gguf_formats}")
     print(format_table(result))
     _write_json(a.json, result)

@@ -64,6 +64,7 @@ class BenchSettings:
     new_tokens: int = 128
     threads: int = 2
     runs: int = 3
+    rounds: int = 1  # >1: every configuration (ours and llama.cpp) once per round, rounds interleaved in time
     engine: str = "fast"  # fast, exact, python (abqllm.runtime.cpu_decode.ENGINES) or hf (model.generate)
     kernel: str = "auto"
     work: str = "out/bench-cpu"
@@ -75,8 +76,8 @@ class BenchSettings:
 def _check(s: BenchSettings):
     if s.prompt_len < 1 or s.new_tokens < 2:
         raise AbqError(f"need --prompt-len >= 1 and --new-tokens >= 2, got {s.prompt_len} and {s.new_tokens}")
-    if s.threads < 1 or s.runs < 1:
-        raise AbqError(f"--threads and --runs must be >= 1, got {s.threads} and {s.runs}")
+    if s.threads < 1 or s.runs < 1 or s.rounds < 1:
+        raise AbqError(f"--threads, --runs and --rounds must be >= 1, got {s.threads}, {s.runs} and {s.rounds}")
     if s.engine not in ("fast", "exact", "python", "hf"):
         raise AbqError(f"--engine must be fast, exact, python or hf, got {s.engine!r}")
     if s.llama_cpp not in ("auto", "on", "off"):
@@ -406,33 +407,58 @@ def run_cpu_bench(s: BenchSettings, log=print) -> dict:
     tok = AutoTokenizer.from_pretrained(resolve_model_path(s.model))
     ids = prompt_ids(tok, s.prompt_len)
     common = {"ids": ids, "new_tokens": s.new_tokens, "threads": s.threads, "runs": s.runs}
-    rows = []
+    # Every job is prepared first (checkpoints, GGUF variants); then each round runs every job once, so
+    # slow drifts of a shared machine (neighbours' load, memory bandwidth) fall on all configurations alike.
+    jobs = []
     for cfg in configs:
         quantize_s = 0.0
         path = {"float": s.model, "checkpoint": cfg.get("path")}.get(cfg["kind"])
         if cfg["kind"] == "rtn":
             path, quantize_s = _prepare_checkpoint(cfg, s, log)
-        log(f"{cfg['name']}: timing ({s.engine} engine, {s.threads} threads)")
-        res = _spawn("abqllm", {**common, "model": path, "engine": s.engine, "kernel": s.kernel})
-        rows.append({"runtime": "abqllm", "config": cfg["name"], "engine": s.engine, "model_path": path,
-                     "quantize_s": round(quantize_s, 2), **res})
-        _log_row(log, rows[-1])
+        jobs.append(("abqllm", {**common, "model": path, "engine": s.engine, "kernel": s.kernel},
+                     {"runtime": "abqllm", "config": cfg["name"], "engine": s.engine, "model_path": path,
+                      "quantize_s": round(quantize_s, 2)}))
     if use_llama:
         for fmt, path in _gguf_variants(s, log):
-            log(f"llama.cpp {fmt}: timing ({s.threads} threads)")
-            res = _spawn("llama_cpp", {**common, "gguf": path})
-            rows.append({"runtime": "llama.cpp", "config": fmt, "gguf": path,
-                         "tensor_types": _gguf_tensor_types(path), **res})
-            _log_row(log, rows[-1])
+            jobs.append(("llama_cpp", {**common, "gguf": path},
+                         {"runtime": "llama.cpp", "config": fmt, "gguf": path, "tensor_types": _gguf_tensor_types(path)}))
+    per_job: list[list[dict]] = [[] for _ in jobs]
+    for rnd in range(s.rounds):
+        for i, (kind, job, meta) in enumerate(jobs):
+            who = meta["config"] if kind == "abqllm" else f"llama.cpp {meta['config']}"
+            log(f"{who}: timing ({s.engine + ' engine, ' if kind == 'abqllm' else ''}{s.threads} threads"
+                f"{f', round {rnd + 1}/{s.rounds}' if s.rounds > 1 else ''})")
+            per_job[i].append(_spawn(kind, job))
+            _log_row(log, {**meta, **per_job[i][-1]})
+    rows = [{**meta, **_merge_rounds(results)} for (_, _, meta), results in zip(jobs, per_job)]
     return {
         "command": None, "model": s.model, "settings": asdict(s), "prompt_tokens": len(ids),
         "new_tokens": s.new_tokens, "threads": s.threads,
         "protocol": "batch 1, greedy, EOS ignored; one warm-up, medians of runs; decode tok/s = "
-                    "(new_tokens - 1) one-token steps / their time; peak RSS per config in a fresh process",
+                    "(new_tokens - 1) one-token steps / their time; peak RSS per config in a fresh process"
+                    + (f"; {s.rounds} interleaved rounds (every configuration once per round), median of the "
+                       "rounds' medians" if s.rounds > 1 else ""),
         "llama_cpp": "ran" if use_llama else ("not installed" if s.llama_cpp == "auto" else "off"),
         "rows": rows, "machine": machine_info(),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def _merge_rounds(results: list[dict]) -> dict:
+    """One round: its row as is. Several: medians over the rounds' medians, each round's figures kept."""
+    ok = [r for r in results if "error" not in r]
+    if len(results) == 1 or not ok:
+        return results[0] if len(results) == 1 else {"error": results[0]["error"]}
+    merged = dict(ok[-1])
+    for key in ("prefill_tok_s", "decode_tok_s", "peak_rss_mb", "end_rss_mb", "base_rss_mb", "load_s"):
+        vals = [r[key] for r in ok if key in r]
+        if vals:
+            merged[key] = _median(vals)
+            merged[f"{key}_rounds"] = vals
+    merged["rounds_ok"] = len(ok)
+    if len(ok) < len(results):
+        merged["round_errors"] = [r["error"] for r in results if "error" in r]
+    return merged
 
 
 def _log_row(log, r: dict):

@@ -43,7 +43,25 @@ def test_bench_cpu_smoke(tiny, capsys):
     assert (tiny / "work" / "model" / "W4A8_lm_head" / "config.json").is_file()
 
 
+def test_bench_cpu_rounds_interleave(tiny, capsys):
+    out = tiny / "rounds.json"
+    code = main(["bench", "cpu", "--model", str(tiny / "model"), "--configs", "float,W4A8", "--prompt-len", "8",
+                 "--new-tokens", "3", "--threads", "1", "--runs", "1", "--rounds", "3", "--llama-cpp", "off",
+                 "--work", str(tiny / "work"), "--json", str(out)])
+    cap = capsys.readouterr()
+    assert code == 0, cap.err
+    # interleaved: round 1 of both configurations before round 2 of either
+    order = [ln.split(":")[0] for ln in cap.out.splitlines() if ", round " in ln]
+    assert order == ["float", "W4A8"] * 3, order
+    result = json.loads(out.read_text())
+    assert "3 interleaved rounds" in result["protocol"] and "--rounds 3" in result["command"]
+    for r in result["rows"]:
+        assert len(r["decode_tok_s_rounds"]) == 3 and r["rounds_ok"] == 3
+        assert r["decode_tok_s"] == sorted(r["decode_tok_s_rounds"])[1]
+
+
 @pytest.mark.parametrize("args,msg", [
+    (["--rounds", "0"], "--rounds"),
     (["--configs", "W9A8"], "weight bits"),
     (["--configs", "W4A8x"], "cannot read scheme"),
     (["--threads", "0"], "--threads"),

@@ -56,6 +56,7 @@ class ABQ:
     use_mse: bool = True
     use_cos: bool = True
     use_attn: bool = True
+    token_weight: str = "none"   # "sink": MSE per token capped at the median token's (abq_math.token_weights)
     clip_init: str = "grid"      # "grid": best shrink ratio per group; "paper": sigmoid(4) everywhere
     rotate: bool = False         # rotate the residual stream first (QuaRot-style), see rotation.py
     presets: ClassVar[dict] = PRESETS
@@ -63,6 +64,8 @@ class ABQ:
     def __post_init__(self):
         if self.init not in ("auto", "smoothquant", "identity", "awq"):
             raise AbqError(f"abq init must be auto, smoothquant, identity or awq, got {self.init!r}")
+        if self.token_weight not in ("none", "sink"):
+            raise AbqError(f"abq token_weight must be none or sink, got {self.token_weight!r}")
 
     def needs_data(self, spec: QuantSpec) -> bool:
         return True
@@ -123,7 +126,8 @@ class ABQ:
         with _capture_attention(ctx) if self.use_attn else contextlib.nullcontext([]) as maps:
             y = self._forward_q(ctx, weights, params, groups, xq)
         return M.abq_loss(y, t1[idx].to(ctx.device), t2[idx].to(ctx.device),
-                          maps[0] if maps else None, a_fp, self.use_mse, self.use_cos, self.use_attn)
+                          maps[0] if maps else None, a_fp, self.use_mse, self.use_cos, self.use_attn,
+                          self.token_weight)
 
     def _start(self, ctx, weights, groups, t1, t2, a_fp_all) -> dict[str, torch.Tensor]:
         """Starting parameters. init=auto builds the AWQ-searched and the identity start and keeps

@@ -78,12 +78,29 @@ def attention_kl(a_q: torch.Tensor, a_fp: torch.Tensor, eps: float = 1e-8) -> to
     return kl_qf.abs() + kl_fq.abs()
 
 
+def token_weights(t: torch.Tensor) -> torch.Tensor:
+    """[..., L] weights min(1, median / E[t^2] of the token): a token whose output is far larger than the
+    typical one (an attention sink: SmolLM2's block 11 puts ~27k on the first token of every window, 100x
+    any other) counts like a typical token in the MSE instead of owning it. Typical tokens keep weight 1."""
+    e = t.detach().float().pow(2).mean(-1)
+    med = e.flatten().median().clamp_min(1e-12)
+    return (med / e.clamp_min(1e-12)).clamp(max=1.0)
+
+
+def weighted_mse(y: torch.Tensor, t: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
+    if w is None:
+        return F.mse_loss(y, t)
+    return ((y.float() - t.float()).pow(2).mean(-1) * w).sum() / w.numel()
+
+
 def abq_loss(y_q: torch.Tensor, t1: torch.Tensor, t2: torch.Tensor, a_q: torch.Tensor | None,
              a_fp: torch.Tensor | None, use_mse: bool = True, use_cos: bool = True,
-             use_attn: bool = True) -> tuple[torch.Tensor, dict[str, float]]:
+             use_attn: bool = True, token_weight: str = "none") -> tuple[torch.Tensor, dict[str, float]]:
+    """token_weight: "none" (plain MSE, the paper's) or "sink" (see token_weights; from the float target t1)."""
     terms: dict[str, torch.Tensor] = {}
     if use_mse:
-        terms["mse"] = F.mse_loss(y_q, t1) + F.mse_loss(y_q, t2)
+        w = token_weights(t1) if token_weight == "sink" else None
+        terms["mse"] = weighted_mse(y_q, t1, w) + weighted_mse(y_q, t2, w)
     if use_cos:
         terms["cos"] = cosine_term(y_q, t1) + cosine_term(y_q, t2)
     if use_attn and a_q is not None and a_fp is not None:

@@ -120,3 +120,26 @@ def test_killed_calibration_resumes_to_the_same_checkpoint(tmp_path):
     a = load_file(tmp_path / "straight" / "model.safetensors")
     b = load_file(tmp_path / "resumed" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sink_token_weights_cap_outlier_tokens_only():
+    t = torch.randn(2, 6, 16)
+    t[:, 0] *= 300  # a sink token in every window
+    w = M.token_weights(t)
+    assert w.shape == (2, 6) and (w[:, 0] < 1e-3).all()
+    assert (w[:, 1:] > 0.2).all() and (w <= 1).all() and (w == 1).sum() >= 6  # typical tokens keep 1
+    y = t * (1 + 0.1 * torch.randn_like(t))  # relative error: the sink's is 300^2 times a typical token's
+    plain = M.abq_loss(y, t, t, None, None, use_cos=False)[0]
+    sink = M.abq_loss(y, t, t, None, None, use_cos=False, token_weight="sink")[0]
+    assert sink < plain / 10  # the sink's error no longer owns the loss
+    with pytest.raises(abqllm.errors.AbqError, match="token_weight"):
+        ABQ(token_weight="max")
+
+
+def test_sink_weighting_calibrates():
+    model, _ = make_tiny_llama(layers=2)
+    ctx = _ctx(model, "W4A8", n=4, length=16)
+    ctx.x_fp[:, 0] *= 50
+    ctx.x_q = ctx.x_fp.clone()
+    torch.manual_seed(0)
+    assert _block_error(ctx, ABQ(epochs=2, token_weight="sink")) < float("inf")

@@ -316,7 +316,7 @@ def gemv_kernel(x_ptr, sx_ptr, ax_ptr, qw_ptr, sw_ptr, zw_ptr, bias_ptr, y_ptr,
                 N, K, KW, G, stride_xm, stride_ym, CHUNKS_PER_SPLIT,
                 BITS: tl.constexpr, GS: tl.constexpr, INT_PATH: tl.constexpr, A_OFFSET: tl.constexpr,
                 HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, BN: tl.constexpr, NG: tl.constexpr,
-                CW: tl.constexpr, PER: tl.constexpr, ALIGNED: tl.constexpr):
+                CW: tl.constexpr, PER: tl.constexpr, VW: tl.constexpr, ALIGNED: tl.constexpr):
     if ALIGNED:  # as in qlinear_kernel: passed divided so that Triton sees the divisibility and vectorizes
         K = K * 16
         KW = KW * 4
@@ -329,7 +329,7 @@ def gemv_kernel(x_ptr, sx_ptr, ax_ptr, qw_ptr, sw_ptr, zw_ptr, bias_ptr, y_ptr,
     rn4 = rn[:, None, None, None]
     n_ok4 = n_ok[:, None, None, None]
     g4 = tl.arange(0, NG)[None, :, None, None]
-    w4 = tl.arange(0, CW)[None, None, :, None]
+    w4 = tl.arange(0, VW)[None, None, :, None]
     j4 = tl.arange(0, PER)[None, None, None, :]
     shifts = (j4 * BITS).to(tl.uint32)
     x_row = x_ptr + row.to(tl.int64) * stride_xm
@@ -345,15 +345,26 @@ def gemv_kernel(x_ptr, sx_ptr, ax_ptr, qw_ptr, sw_ptr, zw_ptr, bias_ptr, y_ptr,
     c_lo = pid_k * CHUNKS_PER_SPLIT
     c_hi = tl.minimum(c_lo + CHUNKS_PER_SPLIT, tl.cdiv(KW, NG * CW))
     for ci in range(c_lo, c_hi):
-        widx = ci * (NG * CW) + g4 * CW + w4  # [1, NG, CW, 1] word index within the row
-        words = tl.load(w_rows + widx, mask=n_ok4 & (widx < KW), other=0)  # [BN, NG, CW, 1]
-        codes = ((words.to(tl.uint32, bitcast=True) >> shifts) & ((1 << BITS) - 1)).to(tl.float32)
-        kidx = widx * PER + j4  # [1, NG, CW, PER] column of each code
-        xv = tl.load(x_row + kidx, mask=kidx < K, other=0).to(tl.float32)
-        if INT_PATH:
-            xv = tl.where(kidx < K, xv + a, 0.0)  # u - z_x; columns past K stay 0
-        wx = tl.sum(tl.sum(codes * xv, axis=3, keep_dims=True), axis=2, keep_dims=True)  # [BN, NG, 1, 1]
-        xs = tl.sum(tl.sum(xv, axis=3, keep_dims=True), axis=2, keep_dims=True)  # [1, NG, 1, 1]
+        # The group's CW words in steps of VW (one 16-byte vector per row and group): every step's codes and
+        # x stay inside one thread, so the sums below reduce in registers (no shuffles, no barriers).
+        # Per-thread partial sums in the codes' own shape: one FFMA per code; reduced once per group.
+        wx4 = tl.zeros((BN, NG, VW, PER), tl.float32)
+        xs4 = tl.zeros((1, NG, VW, PER), tl.float32)
+        for v in tl.static_range(CW // VW):
+            widx = ci * (NG * CW) + g4 * CW + v * VW + w4  # [1, NG, VW, 1] word index within the row
+            words = tl.load(w_rows + widx, mask=n_ok4 & (widx < KW), other=0)  # [BN, NG, VW, 1]
+            # code -> float without an int-to-float convert (a quarter-rate instruction): the code in the
+            # mantissa of 2^23 is exactly 2^23 + code, and one full-rate subtraction leaves the code.
+            bits = ((words.to(tl.uint32, bitcast=True) >> shifts) & ((1 << BITS) - 1)) | 0x4B000000
+            codes = bits.to(tl.float32, bitcast=True) - 8388608.0
+            kidx = widx * PER + j4  # [1, NG, VW, PER] column of each code
+            xv = tl.load(x_row + kidx, mask=kidx < K, other=0).to(tl.float32)
+            if INT_PATH:
+                xv = tl.where(kidx < K, xv + a, 0.0)  # u - z_x; columns past K stay 0
+            wx4 += codes * xv
+            xs4 += xv
+        wx = tl.sum(tl.sum(wx4, axis=3, keep_dims=True), axis=2, keep_dims=True)  # [BN, NG, 1, 1]
+        xs = tl.sum(tl.sum(xs4, axis=3, keep_dims=True), axis=2, keep_dims=True)  # [1, NG, 1, 1]
         if GS == 0:
             acc += wx
             acc_x += xs

@@ -56,6 +56,7 @@ class GemvConfig:
     split_k: int = 0
     num_warps: int = 4
     num_stages: int = 2
+    vec_words: int = 4  # words per row a thread expands at once (4 = one 16-byte load); < CW keeps sums in-thread
 
 
 GEMV_BITS = (1, 2, 4, 8)
@@ -66,6 +67,16 @@ GEMV_AUTO_BITS = (2,)
 GEMV_MAX_M = 1  # rows up to which `auto` takes the GEMV (each row re-streams the weights)
 # Automatic split-K of the GEMV: enough programs for this many per SM.
 GEMV_PROGRAMS_PER_SM = 4
+
+
+def default_gemv_config(storage_bits: int) -> GemvConfig:
+    """Chosen without a GPU, from the sm_90 SASS of the K loop (benchmarks/gpu/gemv_sass.py ->
+    benchmarks/results/gemv_sass_w{2,4,8}a16.json): the fewest instructions per code with no spills and no
+    shuffles in the loop. 4/8 bits: 6.2/5.7 per code at 128 rows x 2 warps; 2 bits: 6.6 at 32 rows x 1 warp
+    (wider tiles spill). Not yet timed on a GPU."""
+    if storage_bits <= 2:
+        return GemvConfig(bn=32, words=16, num_warps=1)
+    return GemvConfig(bn=128, words=16, num_warps=2)
 
 
 def gemv_supported(storage_bits: int, group_size: int) -> bool:
@@ -279,7 +290,8 @@ def qlinear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros:
             raise ValueError(f"the GEMV path needs 1/2/4/8-bit storage and power-of-two words per group, "
                              f"got {storage_bits} bits, group size {group_size}")
         return _qlinear_gemv(x2, qweight, scales, zeros, bias, act_scale, act_zero, k, storage_bits, group_size,
-                             act_bits, act_symmetric, config or GemvConfig(), out).reshape(*shape[:-1], n)
+                             act_bits, act_symmetric, config or default_gemv_config(storage_bits),
+                             out).reshape(*shape[:-1], n)
     cfg = config or default_config(m, n, k, group_size, int_path, x.device)
     if group_size and cfg.bk > group_size:  # the kernel steps through each group in whole BK tiles
         cfg = replace(cfg, bk=_bk_for(group_size, cfg.bk))
@@ -321,7 +333,8 @@ def gemv_constexprs(storage_bits, group_size, act_bits, act_symmetric, has_bias,
     int_path = act_bits != 16
     return dict(BITS=storage_bits, GS=group_size, INT_PATH=int_path,
                 A_OFFSET=int_path and not act_center_exact(act_bits, act_symmetric), HAS_BIAS=has_bias,
-                ATOMIC=split > 1, BN=cfg.bn, NG=plan["NG"], CW=plan["CW"], PER=plan["PER"], ALIGNED=aligned)
+                ATOMIC=split > 1, BN=cfg.bn, NG=plan["NG"], CW=plan["CW"], PER=plan["PER"],
+                VW=min(plan["CW"], cfg.vec_words), ALIGNED=aligned)
 
 
 def _qlinear_gemv(x2, qweight, scales, zeros, bias, act_scale, act_zero, k, storage_bits, group_size, act_bits,
@@ -418,7 +431,7 @@ def aot_compile_gemv(n: int, k: int, storage_bits: int, group_size: int, act_bit
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    cfg = config or GemvConfig()
+    cfg = config or default_gemv_config(storage_bits)
     plan = gemv_plan(k, n, storage_bits, group_size, cfg, 132)
     int_path = act_bits != 16
     kw = -(-k // 32) * storage_bits

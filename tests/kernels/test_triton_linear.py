@@ -61,6 +61,16 @@ if not INTERPRETED:
         assert ("wgmma.mma_async" in ptx) == (case["m"] > 1)  # tensor cores except on the M = 1 CUDA-core path
         assert "div.full" not in ptx
 
+    @pytest.mark.parametrize("bits,act", [(4, 16), (2, 8), (8, 8)])
+    def test_gemv_compiles_for_sm90_with_vector_loads(bits, act):
+        if importlib.util.find_spec("triton") is None:
+            pytest.skip("triton is not installed")
+        from abqllm.kernels import triton_linear as TL
+
+        ptx = TL.aot_compile_gemv(4096, 4096, bits, 128, act, arch=90).asm["ptx"]
+        assert "ld.global.v4.b32" in ptx  # weight words arrive as 16-byte loads
+        assert "cvt.rn.f32.u32" not in ptx  # codes become floats through the 2^23 mantissa, not a convert
+
     def test_act_quant_compiles_for_sm90():
         if importlib.util.find_spec("triton") is None:
             pytest.skip("triton is not installed")

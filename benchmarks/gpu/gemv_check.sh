@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Second GPU call of 2026-11-28: the GEMV decode kernel (benchmarks/gpu/gemv_check.py) + its GPU tests.
+# The GEMV decode kernel on a GPU in one call of about 4 minutes (benchmarks/gpu/gemv_check.py: correctness, M = 1
+# timings against qlinear_kernel, torch fp16 and GemLite, a tile sweep, end-to-end decode), then its GPU tests.
+# First run: 2026-11-28 (benchmarks/results/gpu_h100_2026-11-28_gemv). Name .whl in carry for GemLite.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT="${OUT:-$PWD/out/gemv}"; mkdir -p "$OUT"

@@ -304,13 +304,13 @@ def qlinear_kernel(x_ptr, sx_ptr, ax_ptr, qw_ptr, sw_ptr, zw_ptr, bias_ptr, y_pt
 
 
 # GEMV for power-of-two storage widths (1, 2, 4, 8 bits), one activation row per program: the decode path.
-# The first GPU run (benchmarks/results/gpu_h100_2026-11-28_run1) put qlinear_kernel's M = 1 path at 0.1-0.3
-# of the memory roofline. Here each program streams BN rows in chunks of NG groups x CW words (loaded as one
-# [BN, NG, CW] tile, contiguous along K, so the loads vectorize), expands every word into its 32/BITS codes
-# with constant shifts ([BN, NG, CW, PER], a word's codes stay in one thread), multiplies by x in fp32 and
-# reduces each group before its scale is applied. Integer activations enter as the exact integers
-# u - z = xq + a: (w - z_w)(u - z_x) <= 255^2 and a group of <= 256 columns sums exactly in fp32 (< 2^24), so
-# the result equals the integer formula up to the float32 rounding of the scale products.
+# Each program streams BN rows, NG groups of CW words per iteration; a thread takes VW words of a row and group
+# at a time (one 16-byte load along K), expands each word into its 32/BITS codes with constant shifts and
+# accumulates code * x in fp32 in the codes' own [BN, NG, VW, PER] shape, so the sums stay in registers until
+# the group ends; then sum w x - z_w sum x is scaled per group (zeros and scales are touched once per group).
+# Integer activations enter as the exact integers u - z_x = xq + a: w (u - z_x) <= 255^2 and a group of <= 256
+# columns sums exactly in fp32 (< 2^24), so the result equals the integer formula up to the float32 rounding
+# of the scale products. Why it is built this way: docs/kernels.md (sm_90 SASS, first H100 run).
 @triton.jit(do_not_specialize=["N", "K", "KW", "G", "stride_xm", "stride_ym", "CHUNKS_PER_SPLIT"])
 def gemv_kernel(x_ptr, sx_ptr, ax_ptr, qw_ptr, sw_ptr, zw_ptr, bias_ptr, y_ptr,
                 N, K, KW, G, stride_xm, stride_ym, CHUNKS_PER_SPLIT,

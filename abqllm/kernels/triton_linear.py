@@ -88,7 +88,8 @@ def gemv_supported(storage_bits: int, group_size: int) -> bool:
 
 
 def gemv_plan(k: int, n: int, storage_bits: int, group_size: int, cfg: GemvConfig, sms: int) -> dict:
-    """NG groups of CW words per iteration, the split (splits start on chunk boundaries), K_PER_SPLIT."""
+    """NG groups of CW words (PER codes each) per iteration, and the split: `split` programs along K, each
+    `chunks_per_split` iterations long (splits start on chunk boundaries)."""
     per_word = WORD // storage_bits
     if group_size:
         cw = group_size * storage_bits // WORD
@@ -284,22 +285,26 @@ def qlinear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros:
         x2 = x2.contiguous()
     m = x2.shape[0]
     int_path = act_bits != 16
-    if isinstance(config, GemvConfig) or (config is None and 0 < m <= GEMV_MAX_M and storage_bits in GEMV_AUTO_BITS
-                                           and gemv_supported(storage_bits, group_size)):
+    use_gemv = isinstance(config, GemvConfig) or (config is None and 0 < m <= GEMV_MAX_M
+                                                   and storage_bits in GEMV_AUTO_BITS
+                                                   and gemv_supported(storage_bits, group_size))
+    if use_gemv:
         if not gemv_supported(storage_bits, group_size):
             raise ValueError(f"the GEMV path needs 1/2/4/8-bit storage and power-of-two words per group, "
                              f"got {storage_bits} bits, group size {group_size}")
-        return _qlinear_gemv(x2, qweight, scales, zeros, bias, act_scale, act_zero, k, storage_bits, group_size,
-                             act_bits, act_symmetric, config or default_gemv_config(storage_bits),
-                             out).reshape(*shape[:-1], n)
-    cfg = config or default_config(m, n, k, group_size, int_path, x.device)
-    if group_size and cfg.bk > group_size:  # the kernel steps through each group in whole BK tiles
-        cfg = replace(cfg, bk=_bk_for(group_size, cfg.bk))
-    split, k_per_split = split_plan(k, group_size, cfg, int_path)
+        cfg = config or default_gemv_config(storage_bits)
+        sms = _num_sms(x.device.index or 0) if x.device.type == "cuda" else 4
+        plan = gemv_plan(k, n, storage_bits, group_size, cfg, sms)
+        split = plan["split"]
+    else:
+        cfg = config or default_config(m, n, k, group_size, int_path, x.device)
+        if group_size and cfg.bk > group_size:  # the kernel steps through each group in whole BK tiles
+            cfg = replace(cfg, bk=_bk_for(group_size, cfg.bk))
+        split, k_per_split = split_plan(k, group_size, cfg, int_path)
     out_dtype = x.dtype
     if out is not None and (out.dtype != out_dtype or not out.is_contiguous() or out.numel() != m * n):
         raise ValueError("out must be a contiguous tensor of x's dtype with [..., N] elements")
-    if split > 1:
+    if split > 1:  # split-K partials meet in a zeroed float32 buffer
         y = torch.zeros(m, n, dtype=torch.float32, device=x.device)
     elif out is not None:
         y = out.view(m, n)
@@ -311,19 +316,27 @@ def qlinear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros:
         a_in, sx, ax = act_quant(x2, act_bits, act_symmetric, act_scale, act_zero)
     else:
         a_in, sx, ax = x2, scales, scales  # sx/ax unused on the float path
-    grid = (-(-m // cfg.bm) * -(-n // cfg.bn), split)
     kw, sxm = qweight.shape[1], a_in.stride(0)
     aligned = k % 16 == 0 and kw % 4 == 0 and sxm % 16 == 0
     if aligned:  # see qlinear_kernel: passed divided, multiplied back inside
         k_arg, kw_arg, sxm_arg = k // 16, kw // 4, sxm // 16
     else:
         k_arg, kw_arg, sxm_arg = k, kw, sxm
-    _kernels().qlinear_kernel[grid](
-        a_in, sx, ax, qweight, scales, zeros, bias if bias is not None else scales, y,
-        m, n, k_arg, kw_arg, scales.shape[1], sxm_arg, y.stride(0), k_per_split,
-        **qlinear_constexprs(storage_bits, group_size, act_bits, act_symmetric, bias is not None, x.dtype, split, cfg,
-                             interpreting(), aligned=aligned),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    bias_arg = bias if bias is not None else scales
+    if use_gemv:
+        _kernels().gemv_kernel[(-(-n // cfg.bn), m, split)](
+            a_in, sx, ax, qweight, scales, zeros, bias_arg, y,
+            n, k_arg, kw_arg, scales.shape[1], sxm_arg, y.stride(0), plan["chunks_per_split"],
+            **gemv_constexprs(storage_bits, group_size, act_bits, act_symmetric, bias is not None, split, cfg, plan,
+                              aligned),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    else:
+        _kernels().qlinear_kernel[(-(-m // cfg.bm) * -(-n // cfg.bn), split)](
+            a_in, sx, ax, qweight, scales, zeros, bias_arg, y,
+            m, n, k_arg, kw_arg, scales.shape[1], sxm_arg, y.stride(0), k_per_split,
+            **qlinear_constexprs(storage_bits, group_size, act_bits, act_symmetric, bias is not None, x.dtype, split,
+                                 cfg, interpreting(), aligned=aligned),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if split > 1:
         y = out.view(m, n).copy_(y) if out is not None else y.to(out_dtype)
     return y.reshape(*shape[:-1], n)
@@ -335,41 +348,6 @@ def gemv_constexprs(storage_bits, group_size, act_bits, act_symmetric, has_bias,
                 A_OFFSET=int_path and not act_center_exact(act_bits, act_symmetric), HAS_BIAS=has_bias,
                 ATOMIC=split > 1, BN=cfg.bn, NG=plan["NG"], CW=plan["CW"], PER=plan["PER"],
                 VW=min(plan["CW"], cfg.vec_words), ALIGNED=aligned)
-
-
-def _qlinear_gemv(x2, qweight, scales, zeros, bias, act_scale, act_zero, k, storage_bits, group_size, act_bits,
-                  act_symmetric, cfg: GemvConfig, out):
-    m, n = x2.shape[0], qweight.shape[0]
-    dev = x2.device
-    sms = _num_sms(dev.index or 0) if dev.type == "cuda" else 4
-    plan = gemv_plan(k, n, storage_bits, group_size, cfg, sms)
-    out_dtype = x2.dtype
-    if out is not None and (out.dtype != out_dtype or not out.is_contiguous() or out.numel() != m * n):
-        raise ValueError("out must be a contiguous tensor of x's dtype with [..., N] elements")
-    split = plan["split"]
-    if split > 1:
-        y = torch.zeros(m, n, dtype=torch.float32, device=dev)
-    elif out is not None:
-        y = out.view(m, n)
-    else:
-        y = torch.empty(m, n, dtype=out_dtype, device=dev)
-    int_path = act_bits != 16
-    if int_path:
-        a_in, sx, ax = act_quant(x2, act_bits, act_symmetric, act_scale, act_zero)
-    else:
-        a_in, sx, ax = x2, scales, scales  # unused on the float path
-    grid = (-(-n // cfg.bn), m, split)
-    kw, sxm = qweight.shape[1], a_in.stride(0)
-    aligned = kw % 4 == 0 and sxm % 16 == 0 and k % 16 == 0
-    _kernels().gemv_kernel[grid](
-        a_in, sx, ax, qweight, scales, zeros, bias if bias is not None else scales, y,
-        n, k // 16 if aligned else k, kw // 4 if aligned else kw, scales.shape[1], sxm // 16 if aligned else sxm, y.stride(0),
-        plan["chunks_per_split"], **gemv_constexprs(storage_bits, group_size, act_bits, act_symmetric,
-                                                    bias is not None, split, cfg, plan, aligned),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    if split > 1:
-        y = out.view(m, n).copy_(y) if out is not None else y.to(out_dtype)
-    return y
 
 
 def qlinear_constexprs(storage_bits: int, group_size: int, act_bits: int, act_symmetric: bool, has_bias: bool,
@@ -386,6 +364,14 @@ def qlinear_constexprs(storage_bits: int, group_size: int, act_bits: int, act_sy
 
 
 _TRITON_TYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
+
+
+def _aot_pointer_types(int_path: bool, x_dtype: torch.dtype, has_bias: bool, split: int) -> dict:
+    """Triton pointer types of the linear kernels' arguments, as the launcher passes them (both kernels)."""
+    xt = _TRITON_TYPE[x_dtype]
+    return dict(x_ptr="*i8" if int_path else f"*{xt}", sx_ptr="*fp32" if int_path else "*fp16",
+                ax_ptr="*i32" if int_path else "*fp16", qw_ptr="*i32", sw_ptr="*fp16", zw_ptr="*u8",
+                bias_ptr=f"*{xt}" if has_bias else "*fp16", y_ptr="*fp32" if split > 1 else f"*{xt}")
 
 
 def aot_compile(m: int, n: int, k: int, storage_bits: int, group_size: int, act_bits: int, act_symmetric: bool = False,
@@ -408,10 +394,7 @@ def aot_compile(m: int, n: int, k: int, storage_bits: int, group_size: int, act_
     kw = -(-k // 32) * storage_bits
     const = qlinear_constexprs(storage_bits, group_size, act_bits, act_symmetric, has_bias, x_dtype, split, cfg, False,
                                aligned=kw % 4 == 0 and k % 16 == 0)
-    xt = _TRITON_TYPE[x_dtype]
-    ptr = dict(x_ptr="*i8" if int_path else f"*{xt}", sx_ptr="*fp32" if int_path else "*fp16",
-               ax_ptr="*i32" if int_path else "*fp16", qw_ptr="*i32", sw_ptr="*fp16", zw_ptr="*u8",
-               bias_ptr=f"*{xt}" if has_bias else "*fp16", y_ptr="*fp32" if split > 1 else f"*{xt}")
+    ptr = _aot_pointer_types(int_path, x_dtype, has_bias, split)
     fn = _kernels().qlinear_kernel
     sig = {**ptr, **{a: "i32" for a in ("M", "N", "K", "KW", "G", "stride_xm", "stride_ym", "K_PER_SPLIT")},
            **{c: "constexpr" for c in const}}
@@ -437,10 +420,7 @@ def aot_compile_gemv(n: int, k: int, storage_bits: int, group_size: int, act_bit
     kw = -(-k // 32) * storage_bits
     const = gemv_constexprs(storage_bits, group_size, act_bits, act_symmetric, has_bias, plan["split"], cfg, plan,
                             aligned=kw % 4 == 0 and k % 16 == 0)
-    xt = _TRITON_TYPE[x_dtype]
-    ptr = dict(x_ptr="*i8" if int_path else f"*{xt}", sx_ptr="*fp32" if int_path else "*fp16",
-               ax_ptr="*i32" if int_path else "*fp16", qw_ptr="*i32", sw_ptr="*fp16", zw_ptr="*u8",
-               bias_ptr=f"*{xt}" if has_bias else "*fp16", y_ptr="*fp32" if plan["split"] > 1 else f"*{xt}")
+    ptr = _aot_pointer_types(int_path, x_dtype, has_bias, plan["split"])
     fn = _kernels().gemv_kernel
     sig = {**ptr, **{a: "i32" for a in ("N", "K", "KW", "G", "stride_xm", "stride_ym", "CHUNKS_PER_SPLIT")},
            **{c: "constexpr" for c in const}}

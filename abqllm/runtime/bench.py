@@ -445,7 +445,8 @@ def run_cpu_bench(s: BenchSettings, log=print) -> dict:
 
 
 def _merge_rounds(results: list[dict]) -> dict:
-    """One round: its row as is. Several: medians over the rounds' medians, each round's figures kept."""
+    """One round: its row as is. Several: medians over the rounds' medians, each round's figure kept in
+    `<key>_rounds`; the per-run lists (`*_runs`) and other fields are the last successful round's."""
     ok = [r for r in results if "error" not in r]
     if len(results) == 1 or not ok:
         return results[0] if len(results) == 1 else {"error": results[0]["error"]}

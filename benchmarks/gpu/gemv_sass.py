@@ -54,7 +54,19 @@ def opname(ins: str) -> str:
 def analyse(bits: int, group: int, act: int, cfg: dict) -> dict:
     c = TL.GemvConfig(**cfg)
     plan = TL.gemv_plan(8192, 8192, bits, group, c, 132)
-    lines = sass_lines(TL.aot_compile_gemv(8192, 8192, bits, group, act, config=c).asm["cubin"])
+    codes = c.bn * plan["NG"] * plan["CW"] * plan["PER"] / (32 * c.num_warps)
+    return dict(config=cfg, **loop_counts(TL.aot_compile_gemv(8192, 8192, bits, group, act, config=c), codes))
+
+
+def analyse_qlinear_m1(bits: int, group: int, act: int) -> dict:
+    """The same counts for qlinear_kernel's M = 1 path (_tile_gemv) at its default tile, for comparison."""
+    cfg = TL._with_split(TL._gpu_decode_config(1, group), 1, 8192, 8192, group, TL.DECODE_PROGRAMS_PER_SM * 132)
+    codes = cfg.bn * cfg.bk / (32 * cfg.num_warps)  # one BN x BK tile per iteration
+    return dict(config=str(cfg), **loop_counts(TL.aot_compile(1, 8192, 8192, bits, group, act, config=cfg), codes))
+
+
+def loop_counts(compiled, codes: float) -> dict:
+    lines = sass_lines(compiled.asm["cubin"])
     loop = None
     for addr, ins in lines:
         m = re.search(r"BRA\s+(?:`\()?0x([0-9a-f]+)", ins)
@@ -63,8 +75,7 @@ def analyse(bits: int, group: int, act: int, cfg: dict) -> dict:
     body = [opname(i) for a, i in lines if loop and loop[0] <= a <= loop[1]]
     every = collections.Counter(opname(i) for _, i in lines)
     inner = collections.Counter(body)
-    codes = c.bn * plan["NG"] * plan["CW"] * plan["PER"] / (32 * c.num_warps)
-    return dict(config=cfg, codes_per_thread_per_iter=codes, loop_instructions=len(body),
+    return dict(codes_per_thread_per_iter=codes, loop_instructions=len(body),
                 per_code=round(len(body) / codes, 2) if body else None, shfl=inner["SHFL"], bar=inner["BAR"],
                 int_to_float=inner["I2F"] + inner["I2FP"], ffma=inner["FFMA"], spill_ops=every["STL"] + every["LDL"])
 
@@ -76,7 +87,7 @@ def main():
     ap.add_argument("--act", type=int, default=16)
     ap.add_argument("--json")
     a = ap.parse_args()
-    rows = [analyse(a.bits, a.group, a.act, cfg) for cfg in CONFIGS]
+    rows = [analyse(a.bits, a.group, a.act, cfg) for cfg in CONFIGS] + [analyse_qlinear_m1(a.bits, a.group, a.act)]
     default = TL.default_gemv_config(a.bits)
     print(f"W{a.bits}A{a.act} g{a.group}, sm_90 SASS of gemv_kernel (default: bn={default.bn}, words={default.words}, "
           f"num_warps={default.num_warps})")

@@ -24,8 +24,10 @@ from abqllm.calib.runner import BlockReport, quantize_blocks
 from abqllm.errors import AbqError
 from abqllm.io.checkpoint import CHECKPOINT_VERSION, QUANT_METHOD, load_quantized
 from abqllm.methods import get_method
+from abqllm.methods.rotation import rotate_model
 from abqllm.models.hub import is_quantized_checkpoint, load_float_model
 from abqllm.nn.qlinear import QuantLinear
+from abqllm.quant.hadamard import install_on_down_projections
 from abqllm.spec import QuantSpec, parse_scheme
 
 
@@ -69,8 +71,10 @@ def quantize(model: nn.Module, spec: QuantSpec | str, method: str = "rtn", calib
             "calib_shape": list(calib_ids.shape) if calib_ids is not None else None,
             "calib_sha256": _tensor_digest(calib_ids)})
     t0 = time.perf_counter()
-    if hasattr(m, "prepare_model"):
-        m.prepare_model(model, seed)
+    if spec.rotate:
+        rotate_model(model, seed)
+    if spec.hadamard:  # after any residual rotation: the two act on different sides of down_proj's weight
+        install_on_down_projections(model, spec.hadamard, spec.is_skipped)
     with _attention_probabilities(model, getattr(m, "needs_attention_maps", False)):
         layers, blocks = quantize_blocks(model, spec, m, calib_ids, device, progress=progress, store=store,
                                          seed=seed)

@@ -57,6 +57,13 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--act-static", action="store_true",
                    help="one static activation scale per tensor from calibration data (default: dynamic per token)")
     q.add_argument("--kv-bits", default="16", help="K/V cache bits (only 16 for now)")
+    q.add_argument("--rotate", action="store_true",
+                   help="rotate the residual stream by a random orthogonal matrix before calibrating (QuaRot's R1; "
+                        "offline, no run-time cost; unties lm_head from the embedding)")
+    q.add_argument("--hadamard", default="0", metavar="B",
+                   help="online block-Hadamard rotation of each down projection's input, blocks of up to B "
+                        "columns (a power of two, e.g. 512); spreads the SwiGLU outliers before 4-bit activations. "
+                        "0 = off (default). Not exportable to compressed-tensors")
     q.add_argument("--skip", default="lm_head", help="comma-separated module name patterns left in float")
     q.add_argument("--lm-head", default=None, metavar="SCHEME",
                    help="the output layer's own scheme, round-to-nearest, e.g. W8A8 or W8A16 (wins over --skip); "
@@ -208,8 +215,13 @@ def _spec_from_args(a):
     head = _lm_head_arg(getattr(a, "lm_head", None))
     if head == "float" and "lm_head" not in skip:
         skip += ("lm_head",)  # --lm-head float wins over --skip as a scheme does
+    had = str(getattr(a, "hadamard", "0")).strip()
+    if not had.isdigit():
+        from abqllm.errors import AbqError
+        raise AbqError(f"--hadamard must be 0 (off) or a power of two such as 512, got {had!r}")
     spec = QuantSpec(weight, ActSpec(a.abits, dynamic=not a.act_static), skip=skip, kv_bits=a.kv_bits,
-                     lm_head=None if head in (None, "float") else head)
+                     lm_head=None if head in (None, "float") else head, hadamard=int(had),
+                     rotate=bool(getattr(a, "rotate", False)))
     spec.head_layer()  # refuses a head scheme that cannot work before the model is loaded
     return spec
 

@@ -99,24 +99,36 @@ class LayerSpec:
     """The scheme of one linear layer, as stored per layer in a checkpoint."""
     weight: WeightSpec
     act: ActSpec = ActSpec()
+    hadamard: int = 0  # block size of the online Hadamard rotation of the input (quant/hadamard.py); 0: none
+
+    def __post_init__(self):
+        b = self.hadamard
+        if not isinstance(b, int) or b < 0 or b & (b - 1) or b == 1:
+            raise AbqError(f"a layer's Hadamard block must be 0 or a power of two >= 2, got {b!r}; re-quantize")
 
     @property
     def name(self) -> str:
         gs = f"g{self.weight.group_size}" if self.weight.group_size else ""
-        return f"{self.weight.name}A{self.act.bits}{gs}"
+        had = f"{HAD_NAME}{self.hadamard}" if self.hadamard else ""
+        return f"{self.weight.name}A{self.act.bits}{gs}{had}"
 
     def to_dict(self) -> dict:
-        return {"weight": dataclasses.asdict(self.weight), "act": dataclasses.asdict(self.act)}
+        d = {"weight": dataclasses.asdict(self.weight), "act": dataclasses.asdict(self.act)}
+        if self.hadamard:  # absent otherwise: dicts of unrotated layers are as before
+            d["hadamard"] = self.hadamard
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "LayerSpec":
         try:
-            return cls(WeightSpec(**d["weight"]), ActSpec(**d["act"]))
+            return cls(WeightSpec(**d["weight"]), ActSpec(**d["act"]), d.get("hadamard", 0))
         except (KeyError, TypeError) as e:
             raise AbqError(f"malformed layer spec {d!r} in quantization_config ({e}); re-quantize the model") from None
 
 
 HEAD_NAME = "+head:"  # spec.name of a body with its own head scheme: "W4A8+head:W8A8"
+HAD_NAME = "+had:"  # spec.name with an online Hadamard on the down projection's input: "W4A4+had:512"
+ROT_NAME = "+rot"  # spec.name of a model whose residual stream was rotated before quantization: "W4A4+rot"
 
 
 def check_head_layer(layer: LayerSpec) -> LayerSpec:
@@ -141,9 +153,14 @@ class QuantSpec:
     kv_bits: int = FLOAT_BITS
     version: int = field(default=FORMAT_VERSION)
     lm_head: LayerSpec | None = None
+    hadamard: int = 0  # largest online Hadamard block on each down projection's input (0: none)
+    rotate: bool = False  # rotate the residual stream (methods/rotation.py) before calibrating: offline, no run-time op
 
     def __post_init__(self):
         object.__setattr__(self, "skip", tuple(self.skip))
+        b = self.hadamard
+        if not isinstance(b, int) or isinstance(b, bool) or b < 0 or (b and (b & (b - 1) or b < 8)):
+            raise AbqError(f"--hadamard must be 0 (off) or a power of two >= 8 (e.g. 512), got {b!r}")
         object.__setattr__(self, "kv_bits", _check_int(self.kv_bits, "kv bits", 2, 8, "--kv-bits 2..8 or 16",
                                                        extra=(FLOAT_BITS,)))
         if self.kv_bits != FLOAT_BITS:
@@ -162,7 +179,9 @@ class QuantSpec:
 
     @property
     def name(self) -> str:
-        return self.layer.name + (f"{HEAD_NAME}{self.lm_head.name}" if self.lm_head is not None else "")
+        rot = ROT_NAME if self.rotate else ""
+        had = f"{HAD_NAME}{self.hadamard}" if self.hadamard else ""
+        return self.layer.name + rot + had + (f"{HEAD_NAME}{self.lm_head.name}" if self.lm_head is not None else "")
 
     def is_skipped(self, module_name: str) -> bool:
         return any(fnmatch.fnmatchcase(module_name, p) or fnmatch.fnmatchcase(module_name.rsplit(".", 1)[-1], p)
@@ -186,6 +205,10 @@ class QuantSpec:
         d = {"version": self.version, **self.layer.to_dict(), "skip": list(self.skip), "kv_bits": self.kv_bits}
         if self.lm_head is not None:  # absent otherwise: dicts (checkpoints, cache keys) of head-less specs unchanged
             d["lm_head"] = self.lm_head.to_dict()
+        if self.hadamard:  # likewise
+            d["hadamard"] = self.hadamard
+        if self.rotate:
+            d["rotate"] = True
         return d
 
     @classmethod
@@ -194,12 +217,13 @@ class QuantSpec:
         if version != FORMAT_VERSION:
             raise AbqError(f"quantization spec version {version!r} is not supported by this abqllm "
                            f"(it reads version {FORMAT_VERSION}); upgrade abqllm or re-quantize")
-        layer = LayerSpec.from_dict(d)
+        layer = LayerSpec.from_dict({k: d[k] for k in ("weight", "act") if k in d})  # the body's hadamard is the spec's
         head = d.get("lm_head")
         if head is not None and not isinstance(head, dict):
             raise AbqError(f"malformed lm_head spec {head!r} in quantization_config; re-quantize the model")
         return cls(layer.weight, layer.act, tuple(d.get("skip", ())), d.get("kv_bits", FLOAT_BITS),
-                   lm_head=LayerSpec.from_dict(head) if head is not None else None)
+                   lm_head=LayerSpec.from_dict(head) if head is not None else None, hadamard=d.get("hadamard", 0),
+                   rotate=bool(d.get("rotate", False)))
 
 
 _NAME_RE = re.compile(r"^W(\d+)(\*?)A(\d+)(?:G(\d+))?$", re.IGNORECASE)
@@ -223,11 +247,21 @@ def parse_layer_scheme(name: str, what: str = "scheme") -> LayerSpec:
 def parse_scheme(name: str) -> QuantSpec:
     """'W4A8', 'W2*A16', 'W4A16g64' -> QuantSpec (asymmetric weights, dynamic per-token activations).
 
-    'W4A8+head:W8A8' also gives the output layer its own scheme (QuantSpec.lm_head), as spec.name writes it.
+    Suffixes, as spec.name writes them: '+rot' rotates the residual stream first (QuantSpec.rotate),
+    '+had:512' adds the online Hadamard on the down projections' input (QuantSpec.hadamard), and
+    '+head:W8A8' gives the output layer its own scheme (QuantSpec.lm_head): 'W4A4+rot+had:512+head:W8A8'.
     """
-    text = str(name).strip().replace(" ", "")
-    i = text.lower().find(HEAD_NAME)
-    body, head = (text, None) if i < 0 else (text[:i], text[i + len(HEAD_NAME):])
+    body, *suffixes = str(name).strip().replace(" ", "").split("+")
     layer = parse_layer_scheme(body)
-    return QuantSpec(layer.weight, layer.act,
-                     lm_head=None if head is None else parse_layer_scheme(head, what="lm_head scheme"))
+    opts: dict = {}
+    for sfx in suffixes:
+        key, _, value = sfx.partition(":")
+        key = key.lower()
+        if key in opts or key not in ("rot", "had", "head") or (key == "rot") == bool(value):
+            raise AbqError(f"cannot read {'+' + sfx!r} in {name!r}; the suffixes are +rot, +had:BLOCK and "
+                           "+head:SCHEME, e.g. W4A4+rot+had:512+head:W8A8")
+        if key == "had" and not value.isdigit():
+            raise AbqError(f"cannot read the Hadamard block in {name!r}; write it like W4A4+had:512")
+        opts[key] = value
+    return QuantSpec(layer.weight, layer.act, rotate="rot" in opts, hadamard=int(opts.get("had", 0)),
+                     lm_head=parse_layer_scheme(opts["head"], what="lm_head scheme") if "head" in opts else None)

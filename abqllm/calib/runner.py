@@ -7,6 +7,7 @@ block sits on the compute device at a time.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -20,6 +21,7 @@ from abqllm.calib.memory import peak_mb, reset_peak
 from abqllm.errors import AbqError
 from abqllm.models.arch import ArchSpec, arch_for, block_linears, decoder_blocks
 from abqllm.nn.qlinear import QuantLinear
+from abqllm.quant.hadamard import rotated_block
 from abqllm.spec import QuantSpec
 
 
@@ -37,6 +39,12 @@ class BlockContext:
     x_q: torch.Tensor | None        # same from the quantized stream
     kwargs: dict = field(default_factory=dict)  # the block's other forward arguments (rotary, mask, ...)
     batch_size: int = 8
+
+    def foldable(self, group) -> bool:
+        """Whether a per-channel scale can be folded between `group`'s producer and its linears: it has
+        a producer, and no linear of it rotates its input online (a scale does not commute with H)."""
+        return group.prev is not None and not any(
+            rotated_block(self.block.get_submodule(n)) for n in group.linears)
 
     def run(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return run_block(block, x, self.kwargs, self.batch_size, self.device)
@@ -214,6 +222,8 @@ def quantize_blocks(model: nn.Module, spec: QuantSpec, method: Method, calib_ids
             if store is not None:
                 store.save(i, result)
         for name, qlayer in method.apply(ctx, result).items():
+            if rotated_block(linears[name]):  # the float layer's input rotation moves into the quantized layer
+                qlayer.spec = dataclasses.replace(qlayer.spec, hadamard=rotated_block(linears[name]))
             block.set_submodule(name, qlayer)
             layers[f"{prefix}.{name}"] = qlayer.spec.to_dict()
         if needs_data:

@@ -91,6 +91,10 @@ class _Plan:
 
 def _plan_layer(name: str, layer: QuantLinear) -> _Plan:
     w, a = layer.spec.weight, layer.spec.act
+    if layer.spec.hadamard:
+        raise AbqError(f"layer {name} rotates its input online (quantized with --hadamard); a compressed-tensors "
+                       "export has no place for that rotation, so vLLM would compute a wrong result: re-quantize "
+                       "without --hadamard to export")
     if not a.is_float and a.bits != ACT_BITS:
         raise AbqError(f"{layer.spec.name} has {a.bits}-bit activations; a compressed-tensors export takes 8-bit "
                        "integer activations or none: re-quantize with --abits 8 or --abits 16")

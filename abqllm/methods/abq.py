@@ -21,7 +21,6 @@ from abqllm.calib.runner import BlockContext
 from abqllm.errors import AbqError
 from abqllm.methods import abq_math as M
 from abqllm.methods.awq import AWQ
-from abqllm.methods.rotation import rotate_model
 from abqllm.methods.transforms import reduce_kv
 from abqllm.models.arch import attention_dims
 from abqllm.nn.qlinear import QuantLinear
@@ -58,7 +57,6 @@ class ABQ:
     use_attn: bool = True
     token_weight: str = "none"   # "sink": MSE per token capped at the median token's (abq_math.token_weights)
     clip_init: str = "grid"      # "grid": best shrink ratio per group; "paper": sigmoid(4) everywhere
-    rotate: bool = False         # rotate the residual stream first (QuaRot-style), see rotation.py
     presets: ClassVar[dict] = PRESETS
 
     def __post_init__(self):
@@ -69,11 +67,6 @@ class ABQ:
 
     def needs_data(self, spec: QuantSpec) -> bool:
         return True
-
-    def prepare_model(self, model: nn.Module, seed: int) -> None:
-        """Model-level step before the blocks: the optional residual rotation."""
-        if self.rotate:
-            rotate_model(model, seed)
 
     @property
     def needs_attention_maps(self) -> bool:
@@ -263,7 +256,7 @@ class ABQ:
 
 def _groups(ctx: BlockContext):
     """(index, group) of the arch's linear groups that have a producer to fold a scale into."""
-    return [(i, g) for i, g in enumerate(ctx.arch.groups) if g.prev is not None]
+    return [(i, g) for i, g in enumerate(ctx.arch.groups) if ctx.foldable(g)]
 
 
 @torch.no_grad()

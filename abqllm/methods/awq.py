@@ -164,7 +164,7 @@ class AWQ:
     @torch.no_grad()
     def search(self, ctx: BlockContext) -> dict[str, torch.Tensor]:
         arch, block = ctx.arch, ctx.block
-        groups = [g for g in arch.groups if g.prev is not None and set(g.linears) & set(ctx.linears)]
+        groups = [g for g in arch.groups if ctx.foldable(g) and set(g.linears) & set(ctx.linears)]
         hd = T.head_dim(block, arch)
         out: dict[str, torch.Tensor] = {}
         if groups:

@@ -49,10 +49,6 @@ class Composed:
     def needs_attention_maps(self) -> bool:
         return getattr(self.transform, "needs_attention_maps", False)
 
-    def prepare_model(self, model, seed: int) -> None:
-        if hasattr(self.transform, "prepare_model"):
-            self.transform.prepare_model(model, seed)
-
     def needs_data(self, spec: QuantSpec) -> bool:
         return True
 

@@ -1,4 +1,5 @@
-"""Rotating the residual stream by a random orthogonal matrix (QuaRot/SpinQuant's R1), before calibration.
+"""Rotating the residual stream by a random orthogonal matrix (QuaRot/SpinQuant's R1), before calibration
+(`--rotate`, QuantSpec.rotate; any method).
 
 For a pre-norm RMSNorm model, with every norm's weight folded into the linears that read it, the
 residual stream can be multiplied by any orthogonal Q without changing the model's function:
@@ -30,7 +31,7 @@ def random_orthogonal(d: int, seed: int, dtype=torch.float64) -> torch.Tensor:
 def check_rotatable(arch: ArchSpec) -> None:
     if arch.post_norms or arch.norm != "rmsnorm" or not arch.pre_norm:
         raise AbqError(f"residual rotation is implemented for pre-norm RMSNorm models without post-norms; "
-                       f"{arch.name} is not one: drop the rotate option")
+                       f"{arch.name} is not one: drop --rotate")
 
 
 def _fold_norm(norm: nn.Module, linears: list[nn.Linear], plus_one: bool) -> None:

@@ -70,7 +70,7 @@ class SmoothQuant:
     @torch.no_grad()
     def search(self, ctx: BlockContext) -> dict[str, torch.Tensor]:
         """{"smooth.<prev>": s} from the float stream; the block is not changed."""
-        groups = smoothed_groups(ctx.arch, set(ctx.linears), self.linear_prevs)
+        groups = [g for g in smoothed_groups(ctx.arch, set(ctx.linears), self.linear_prevs) if ctx.foldable(g)]
         if not groups:
             return {}
         stats = input_absmax(ctx, [g.linears[0] for g in groups], ctx.x_fp)

@@ -7,7 +7,8 @@ Buffers (all saved in checkpoints):
 - bias     float [N]                           when the float layer had one
 - act_scale, act_zero float32 [1]              only for static per-tensor activation quantization
 The layer computes y = Q_a(x) @ (s_w * (u - z))^T + b through the kernel registry; see
-abqllm/kernels/reference.py for the arithmetic.
+abqllm/kernels/reference.py for the arithmetic. With `spec.hadamard` = b the stored weight is the
+rotated W H, and forward rotates x -> x H first (quant/hadamard.py), whatever the kernel.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from torch import nn
 from abqllm.formats.packing import WORD, pack_bits, padded_k, unpack_bits
 from abqllm.kernels import registry
 from abqllm.quant import primitives as P
+from abqllm.quant.hadamard import rotate_last_dim
 from abqllm.spec import LayerSpec
 
 
@@ -89,6 +91,8 @@ class QuantLinear(nn.Module):
         return P.act_qparams(x, self.spec.act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.spec.hadamard:
+            x = rotate_last_dim(x, self.spec.hadamard)
         return registry.select("linear", self.kernel, self, x.device).fn(self, x)
 
     def extra_repr(self) -> str:

@@ -41,6 +41,7 @@ from abqllm.errors import AbqError
 from abqllm.kernels import registry
 from abqllm.models.arch import arch_for, attention_dims, decoder_blocks, get_submodule
 from abqllm.nn.qlinear import QuantLinear
+from abqllm.quant.hadamard import rotate_last_dim
 
 SUPPORTED_ARCHS = ("llama", "mistral", "qwen2", "qwen3")
 # Rotary variants whose table depends only on the position (not on the current sequence length).
@@ -54,6 +55,9 @@ Fn = Callable[[torch.Tensor], torch.Tensor]
 def _linear_fn(module: nn.Module, device: torch.device) -> Fn:
     if isinstance(module, QuantLinear):
         kernel = registry.select("linear", module.kernel, module, device)
+        if module.spec.hadamard:
+            b, fn = module.spec.hadamard, kernel.fn
+            return lambda x: fn(module, rotate_last_dim(x, b))
         return partial(kernel.fn, module)
     if type(module) is nn.Linear:
         return partial(F.linear, weight=module.weight, bias=module.bias)
@@ -72,6 +76,8 @@ def _native_linear(module: nn.Module, device: torch.device):
         return mod.float_linear(module.weight.detach().contiguous(),
                                 None if module.bias is None else module.bias.detach().float().contiguous())
     if not isinstance(module, QuantLinear) or registry.select("linear", module.kernel, module, device).name != "cpu":
+        return None
+    if module.spec.hadamard:  # the native step has no input rotation yet: the Python step runs these
         return None
     w, a = module.spec.weight, module.spec.act
     offsets = None if a.is_float else cpu_kernels.row_offsets(module.qweight, module.scales, module.zeros,
@@ -304,7 +310,7 @@ class CpuDecoder:
                    for k in ("qkv", "o", "gate_up", "down")}
             if any(x is None for group in lin.values() for x in group):
                 return f"block {i} has a linear that is neither fp32 nor on the cpu kernel (e.g. a group size " \
-                       "that is not a multiple of 32)"
+                       "that is not a multiple of 32) or that rotates its input online (--hadamard)"
             dec.add_block(m["norm1"].weight.detach(), m["norm2"].weight.detach(), lin["qkv"], lin["o"][0],
                           lin["gate_up"], lin["down"][0],
                           None if m["q_norm"] is None else m["q_norm"].weight.detach(),

@@ -31,7 +31,7 @@ def test_rotation_keeps_the_function_and_unties():
 def test_rotated_abq_saves_and_loads(tmp_path):
     model, tok = make_tiny_llama()
     ids = torch.randint(0, len(tok), (4, 32), generator=torch.Generator().manual_seed(0))
-    abqllm.quantize(model, "W4A4", method="abq", calib_ids=ids, progress=False, epochs=1, rotate=True)
+    abqllm.quantize(model, "W4A4+rot", method="abq", calib_ids=ids, progress=False, epochs=1)
     with torch.no_grad():
         ref = model(ids[:1]).logits
     loaded, _ = abqllm.load_model(str(abqllm.save_quantized(model, tok, tmp_path / "c")))
@@ -45,3 +45,20 @@ def test_rotation_refused_for_gemma():
                                            num_attention_heads=2, num_key_value_heads=1, head_dim=16))
     with pytest.raises(abqllm.AbqError, match="rotation"):
         rotate_model(model)
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_rotation_with_online_hadamard_for_any_method(method, tmp_path):
+    """+rot and +had together keep a W8A8 model close to float and survive a save/load round trip."""
+    model, tok = make_tiny_llama()
+    ids = torch.randint(0, len(tok), (4, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(ids[:1]).logits
+    abqllm.quantize(model, "W8A8+rot+had:64", method=method, calib_ids=ids, progress=False)
+    assert model.config.quantization_config["spec"]["rotate"] is True
+    with torch.no_grad():
+        out = model(ids[:1]).logits
+    assert (out - ref).pow(2).mean().sqrt() < 0.05 * ref.pow(2).mean().sqrt()
+    loaded, _ = abqllm.load_model(str(abqllm.save_quantized(model, tok, tmp_path / "c")))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids[:1]).logits, out)

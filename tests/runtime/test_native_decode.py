@@ -102,3 +102,10 @@ def test_generate_text_accepts_every_engine():
     texts = {e: abqllm.generate_text(model, tok, "The quick brown", max_new_tokens=10, engine=e)
              for e in ("auto", "fast", "exact", "python", "hf")}
     assert len(set(texts.values())) == 1, texts
+
+
+def test_online_hadamard_layers_run_on_the_python_step():
+    model = _tiny("llama")
+    abqllm.quantize(model, "W4A8+had:512", progress=False)
+    dec = CpuDecoder(model, max_len=16)
+    assert dec.native is None and "--hadamard" in dec.native_reason

@@ -1,0 +1,119 @@
+"""Online block-Hadamard rotation of a linear layer's input (QuaRot's rotation of the down projection).
+
+A linear y = x W^T computes the same function as y = (x H)(W H)^T for any orthogonal H. With H a
+block-diagonal of normalised Sylvester Hadamard matrices of size b (a power of two), x H spreads
+each outlier channel of x evenly over the b channels of its block, so one per-token scale fits all of
+them: the SwiGLU output that feeds down_proj has such outliers, and at 4-bit activations they are
+what breaks the layer (benchmarks/results/abq_dev_runs.md: W4A4 RTN 1110.9 -> 545.1 with this alone).
+
+The weight is rotated once, offline (W -> W H, then quantized); the input is rotated at run time,
+before activation quantization, by every kernel alike (QuantLinear.forward). The cost is one
+[.., K] x [b, b] product per call: K*b multiply-adds per token against the layer's K*N.
+
+The rotation is installed on the float model before calibration, as a forward pre-hook registered
+first on the layer: the methods' own hooks (activation fake-quantization, input statistics, GPTQ's
+Hessian) then see the rotated input, as the quantized layer will, and calibrate the rotated weight.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import nn
+
+from abqllm.errors import AbqError
+
+ATTR = "online_hadamard"  # block size on a float nn.Linear whose input is rotated (0 or absent: none)
+MIN_BLOCK = 8
+
+
+@functools.lru_cache(maxsize=16)
+def _hadamard_cpu64(b: int) -> torch.Tensor:
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < b:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h / b ** 0.5
+
+
+_DEVICE_CACHE: dict[tuple, torch.Tensor] = {}
+
+
+def hadamard_matrix(b: int, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Normalised Sylvester Hadamard matrix [b, b] (symmetric, orthogonal), b a power of two."""
+    if b < 1 or b & (b - 1):
+        raise AbqError(f"a Hadamard block must be a power of two, got {b}")
+    key = (b, dtype, str(device))
+    h = _DEVICE_CACHE.get(key)
+    if h is None:
+        h = _DEVICE_CACHE[key] = _hadamard_cpu64(b).to(device=device, dtype=dtype)
+    return h
+
+
+def block_size_for(k: int, max_block: int) -> int:
+    """The largest power of two <= max_block that divides k; refuses sizes where that is too small."""
+    b = 1
+    while b * 2 <= max_block and k % (b * 2) == 0:
+        b *= 2
+    if b < MIN_BLOCK:
+        raise AbqError(f"an input of {k} columns has no power-of-two Hadamard block of at least {MIN_BLOCK} "
+                       f"(largest divisor found: {b}); drop --hadamard for this model")
+    return b
+
+
+def rotate_last_dim(x: torch.Tensor, b: int) -> torch.Tensor:
+    """x @ blockdiag(H_b, ..., H_b) over the last dimension (its size a multiple of b).
+
+    Computed in x's dtype, except float16/bfloat16 on the CPU, which go through float32.
+    """
+    k = x.shape[-1]
+    if k % b:
+        raise AbqError(f"input of {k} columns cannot take Hadamard blocks of {b}; the layer is inconsistent")
+    dt = x.dtype if (x.is_cuda or x.dtype in (torch.float32, torch.float64)) else torch.float32
+    h = hadamard_matrix(b, dt, x.device)
+    y = (x.to(dt).reshape(*x.shape[:-1], k // b, b) @ h).reshape(x.shape)
+    return y.to(x.dtype)
+
+
+def _pre_hook(module: nn.Module, args):
+    return (rotate_last_dim(args[0], getattr(module, ATTR)), *args[1:])
+
+
+@torch.no_grad()
+def install(linear: nn.Linear, max_block: int) -> int:
+    """Rotate `linear`'s weight (W -> W H) and its input (a pre-hook registered before any other), in place;
+    the layer computes the same function. Returns the block size used."""
+    if getattr(linear, ATTR, 0):
+        raise AbqError("this layer already has an online Hadamard rotation; load the float model again")
+    if linear._forward_pre_hooks:
+        raise AbqError("the online Hadamard must be the layer's first input hook; install it before calibrating")
+    b = block_size_for(linear.in_features, max_block)
+    w = linear.weight
+    linear.weight.data = rotate_last_dim(w.data.double(), b).to(w.dtype)
+    setattr(linear, ATTR, b)
+    linear.register_forward_pre_hook(_pre_hook)
+    return b
+
+
+def rotated_block(linear: nn.Module) -> int:
+    """Block size of a float linear's online rotation, 0 when it has none."""
+    return int(getattr(linear, ATTR, 0) or 0)
+
+
+def install_on_down_projections(model: nn.Module, max_block: int, is_skipped) -> dict[str, int]:
+    """`install` on every decoder block's down projection that is quantized (`is_skipped(full name)` false).
+
+    A skipped one stays as it is: it is saved float, and a checkpoint has no place for its rotation.
+    Returns {full name: block size}.
+    """
+    from abqllm.models.arch import arch_for, decoder_blocks
+
+    arch = arch_for(model.config)
+    if not arch.mlp_down:
+        raise AbqError(f"{arch.name} has no down projection to rotate; drop --hadamard")
+    done = {}
+    for i, block in enumerate(decoder_blocks(model, arch)):
+        name = f"{arch.blocks}.{i}.{arch.mlp_down}"
+        if not is_skipped(name):
+            done[name] = install(block.get_submodule(arch.mlp_down), max_block)
+    return done

@@ -111,28 +111,39 @@ def _merge_write(path: Path, key: str, res: dict) -> dict:
     return cache
 
 
+def _row_and_config(key: str) -> tuple[str, str, str]:
+    """'abq|W4A4+rot+had:512|w4' -> ('abq +rot+had:512', 'W4A4', 'w4'): spec suffixes (rotations) make rows,
+    so each column stays one bit configuration."""
+    label, scheme, wk = key.split("|")
+    base, plus, suffix = scheme.partition("+")
+    return (f"{label} +{suffix}" if plus else label), base, wk
+
+
 def write_markdown(cache, path: Path):
-    res = cache["results"]
+    res = {_row_and_config(k): v for k, v in cache["results"].items() if not k.startswith("float|")}
+    floats = {k.split("|")[1]: v for k, v in cache["results"].items() if k.startswith("float|")}
     lines = ["# Methods on the default model", "", f"Data: {cache.get('data', {}).get('split', '')}  ",
-             f"Machine: {cache.get('machine', '')}. Commands and dates are in the JSON beside this file.", ""]
-    for wk in sorted({k.split("|")[-1] for k in res}):
-        fp = res.get(f"float|{wk}", {}).get("ppl")
-        rows = sorted({k.split("|")[0] for k in res if k.endswith(wk) and not k.startswith("float")})
-        configs = [c for c in CONFIGS.split(",") if any(k.split("|")[1:2] == [c] for k in res if k.endswith(wk))]
-        configs += sorted({k.split("|")[1] for k in res if k.endswith(wk) and k.count("|") == 2} - set(configs))
+             f"Machine: {cache.get('machine', '')}. Commands and dates are in the JSON beside this file. Rows with "
+             "`+rot` / `+had:512`: the residual stream rotated (`--rotate`) / an online Hadamard on each down "
+             "projection's input (`--hadamard 512`).", ""]
+    for wk in sorted({k[2] for k in res}):
+        fp = floats.get(wk, {}).get("ppl")
+        rows = sorted({k[0] for k in res if k[2] == wk})
+        configs = [c for c in CONFIGS.split(",") if any(k[1] == c for k in res if k[2] == wk)]
+        configs += sorted({k[1] for k in res if k[2] == wk} - set(configs))
         windows = "all windows" if wk == "wall" else f"first {wk[1:]} windows"
         lines += [f"## Perplexity ({windows} of 1024 tokens; float {fp:.3f}); in brackets: ratio to float", "",
                   "| method | " + " | ".join(configs) + " |", "|---|" + "---|" * len(configs)]
         for r in rows:
             cells = []
             for c in configs:
-                e = res.get(f"{r}|{c}|{wk}")
+                e = res.get((r, c, wk))
                 cells.append("-" if e is None else f"{e['ppl']:.2f} ({e['ppl'] / fp:.2f})")
             lines.append(f"| {r} | " + " | ".join(cells) + " |")
         lines += ["", "Quantize time (s) on this machine:", "", "| method | " + " | ".join(configs) + " |",
                   "|---|" + "---|" * len(configs)]
         for r in rows:
-            cells = [str(res.get(f"{r}|{c}|{wk}", {}).get("quantize_s", "-")) for c in configs]
+            cells = [str(res.get((r, c, wk), {}).get("quantize_s", "-")) for c in configs]
             lines.append(f"| {r} | " + " | ".join(cells) + " |")
         lines.append("")
     path.write_text("\n".join(lines) + "\n")

@@ -62,3 +62,16 @@ def test_rotation_with_online_hadamard_for_any_method(method, tmp_path):
     loaded, _ = abqllm.load_model(str(abqllm.save_quantized(model, tok, tmp_path / "c")))
     with torch.no_grad():
         assert torch.equal(loaded(ids[:1]).logits, out)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_rotation_keeps_the_function_with_value_biases_and_qk_norms(family):
+    """qwen2: v_proj has a bias (rotated with its rows); qwen3: q/k norms (untouched: only v/o rotate per head)."""
+    from tests.runtime.test_cpu_decode import _tiny
+    model = _tiny(family)
+    ids = torch.randint(0, 300, (2, 20), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = model(ids).logits
+        rotate_model(model, seed=0)
+        out = model(ids).logits
+    assert torch.allclose(out, ref, atol=1e-4 * ref.abs().max(), rtol=1e-4)

@@ -8,11 +8,9 @@ that write it (o_proj, down_proj) W -> Q^T W. RMSNorm with unit weight commutes 
 rotation spreads outlier channels over all channels, which is what makes 4-bit activations and
 2-3-bit weights workable (ABQ.md section 6: the paper's recipe alone is weak at W4A4).
 
-Each attention head's values are rotated too (QuaRot/SpinQuant's R2): v_proj's output rows of head h
-by a head_dim x head_dim orthogonal H (a Hadamard matrix when head_dim is a power of two), o_proj's
-input columns of every query head by the same H. Attention mixes whole value vectors, so A (V H) =
-(A V) H and the block computes the same function; o_proj's input loses its per-channel outliers
-at no run-time cost.
+Rotating each head's values as well (QuaRot's R2: v_proj's rows and o_proj's columns by a head_dim
+Hadamard, offline) was tried and taken out: on the default model it made RTN worse, W4A4+rot+had:512
+227.8 -> 310.9 and W4A16+rot 71.0 -> 79.6 (benchmarks/results/abq_dev_runs.md).
 
 Only for architectures whose blocks write the residual stream straight from o_proj/down_proj
 (no Gemma "sandwich" norms) and use RMSNorm; anything else gets a clear error.
@@ -24,8 +22,7 @@ import torch
 from torch import nn
 
 from abqllm.errors import AbqError
-from abqllm.models.arch import ArchSpec, arch_for, attention_dims, decoder_blocks
-from abqllm.quant.hadamard import hadamard_matrix
+from abqllm.models.arch import ArchSpec, arch_for, decoder_blocks
 
 
 def random_orthogonal(d: int, seed: int, dtype=torch.float64) -> torch.Tensor:
@@ -49,17 +46,6 @@ def _fold_norm(norm: nn.Module, linears: list[nn.Linear], plus_one: bool) -> Non
     norm.weight.data.fill_(0.0 if plus_one else 1.0)
 
 
-def _rotate_values(v: nn.Linear, o: nn.Linear, h: torch.Tensor, head_dim: int) -> None:
-    """v's output rows, head by head: W_h -> H^T W_h (bias too); o's input columns, head by head: W_h -> W_h H."""
-    dt = v.weight.dtype
-    wv = v.weight.data.double()
-    v.weight.data = (h.T @ wv.reshape(-1, head_dim, wv.shape[1])).reshape(wv.shape).to(dt)
-    if v.bias is not None:
-        v.bias.data = (v.bias.data.double().reshape(-1, head_dim) @ h).reshape(-1).to(v.bias.dtype)
-    wo = o.weight.data.double()
-    o.weight.data = (wo.reshape(wo.shape[0], -1, head_dim) @ h).reshape(wo.shape).to(o.weight.dtype)
-
-
 @torch.no_grad()
 def rotate_model(model: nn.Module, seed: int = 0) -> None:
     """Fold norms and rotate the residual stream in place; the model computes the same function."""
@@ -72,9 +58,6 @@ def rotate_model(model: nn.Module, seed: int = 0) -> None:
         model.config.tie_word_embeddings = False
     q = random_orthogonal(embed.weight.shape[1], seed)
     dt = embed.weight.dtype
-    head_dim = attention_dims(model.config)[2]
-    head_rot = (hadamard_matrix(head_dim, torch.float64) if head_dim & (head_dim - 1) == 0
-                else random_orthogonal(head_dim, seed + 1))
 
     def reads(lin):  # W x with x on the rotated stream: W -> W Q
         lin.weight.data = (lin.weight.data.double() @ q).to(dt)
@@ -95,6 +78,5 @@ def rotate_model(model: nn.Module, seed: int = 0) -> None:
             reads(lin)
         writes(sub(arch.o_proj))
         writes(sub(arch.mlp_down))
-        _rotate_values(sub(arch.v_proj), sub(arch.o_proj), head_rot, head_dim)
     _fold_norm(model.get_submodule(arch.final_norm), [lm_head], arch.norm_plus_one)
     reads(lm_head)

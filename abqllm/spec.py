@@ -255,10 +255,12 @@ def parse_scheme(name: str) -> QuantSpec:
     layer = parse_layer_scheme(body)
     opts: dict = {}
     for sfx in suffixes:
-        key, _, value = sfx.partition(":")
+        key, colon, value = sfx.partition(":")
         key = key.lower()
-        if key in opts or key not in ("rot", "had", "head") or (key == "rot") == bool(value):
-            raise AbqError(f"cannot read {'+' + sfx!r} in {name!r}; the suffixes are +rot, +had:BLOCK and "
+        if key == "head" and key in opts:
+            raise AbqError(f"cannot read lm_head scheme in {name!r}: +head: is given twice")
+        if key in opts or key not in ("rot", "had", "head") or (key == "rot" and colon) or (key != "rot" and not colon):
+            raise AbqError(f"cannot read scheme {name!r} at {'+' + sfx!r}; the suffixes are +rot, +had:BLOCK and "
                            "+head:SCHEME, e.g. W4A4+rot+had:512+head:W8A8")
         if key == "had" and not value.isdigit():
             raise AbqError(f"cannot read the Hadamard block in {name!r}; write it like W4A4+had:512")

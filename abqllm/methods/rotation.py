@@ -46,9 +46,39 @@ def _fold_norm(norm: nn.Module, linears: list[nn.Linear], plus_one: bool) -> Non
     norm.weight.data.fill_(0.0 if plus_one else 1.0)
 
 
+def switched_off_channels(model: nn.Module, arch: ArchSpec, rel: float = 0.02, share: float = 0.25) -> list[int]:
+    """Residual channels whose norm weight is ~0 (< rel x the norm's median |weight|) in at least `share`
+    of the blocks' norms. These are the channels that carry massive activations (SmolLM2-135M: channel
+    507 reaches 25,674 while its post-attention norm weight is 3e-4): the model writes a huge value
+    there and every reader multiplies it by ~0. A rotation would spread it over all channels, where
+    only exact weights cancel it again, and weight quantization error no longer does."""
+    ws = []
+    for block in decoder_blocks(model, arch):
+        for name in ("input_layernorm", next(g.prev for g in arch.groups if arch.mlp_up in g.linears)):
+            w = block.get_submodule(name).weight.detach().float()
+            w = (1 + w) if arch.norm_plus_one else w
+            ws.append(w.abs())
+    w = torch.stack(ws)
+    tiny = w < rel * w.median(dim=1, keepdim=True).values
+    return tiny.float().mean(0).ge(share).nonzero().flatten().tolist()
+
+
+def rotation_matrix(d: int, seed: int, keep: list[int]) -> torch.Tensor:
+    """Random orthogonal d x d acting as the identity on the `keep` channels."""
+    q = torch.eye(d, dtype=torch.float64)
+    rest = torch.tensor([i for i in range(d) if i not in set(keep)])
+    q[rest[:, None], rest[None, :]] = random_orthogonal(len(rest), seed)
+    return q
+
+
 @torch.no_grad()
-def rotate_model(model: nn.Module, seed: int = 0) -> None:
-    """Fold norms and rotate the residual stream in place; the model computes the same function."""
+def rotate_model(model: nn.Module, seed: int = 0, keep_switched_off: bool = False) -> None:
+    """Fold norms and rotate the residual stream in place; the model computes the same function.
+
+    keep_switched_off: leave the channels of `switched_off_channels` out of the rotation. Off: on the
+    default model it helps weight-only RTN (W4A16+rot 70.98 -> 46.58) but not enough to beat no rotation
+    (35.60), and it ruins 4-bit activations (W4A4+rot+had:512 227.8 -> 12675), whose per-token scale the
+    unspread massive channel then sets (benchmarks/rotation_keep_probe.py)."""
     arch = arch_for(model.config)
     check_rotatable(arch)
     embed = model.get_submodule(arch.embed)
@@ -56,7 +86,7 @@ def rotate_model(model: nn.Module, seed: int = 0) -> None:
     if lm_head.weight is embed.weight:  # untie: the two now get different transforms
         lm_head.weight = nn.Parameter(embed.weight.detach().clone())
         model.config.tie_word_embeddings = False
-    q = random_orthogonal(embed.weight.shape[1], seed)
+    q = rotation_matrix(embed.weight.shape[1], seed, switched_off_channels(model, arch) if keep_switched_off else [])
     dt = embed.weight.dtype
 
     def reads(lin):  # W x with x on the rotated stream: W -> W Q

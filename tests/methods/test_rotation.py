@@ -75,3 +75,21 @@ def test_rotation_keeps_the_function_with_value_biases_and_qk_norms(family):
         rotate_model(model, seed=0)
         out = model(ids).logits
     assert torch.allclose(out, ref, atol=1e-4 * ref.abs().max(), rtol=1e-4)
+
+
+def test_switched_off_channels_stay_unrotated():
+    from abqllm.methods.rotation import rotation_matrix, switched_off_channels
+    from abqllm.models.arch import arch_for
+    model, tok = make_tiny_llama()
+    with torch.no_grad():
+        for b in model.model.layers:
+            b.post_attention_layernorm.weight[5] = 1e-5  # channel 5 is read by no MLP
+    assert switched_off_channels(model, arch_for(model.config)) == [5]
+    q = rotation_matrix(64, 0, [5])
+    assert torch.allclose(q @ q.T, torch.eye(64, dtype=q.dtype), atol=1e-10)
+    assert q[5, 5] == 1 and q[5].abs().sum() == 1
+    ids = torch.randint(0, len(tok), (1, 16))
+    with torch.no_grad():
+        ref = model(ids).logits
+        rotate_model(model, keep_switched_off=True)
+        assert torch.allclose(model(ids).logits, ref, atol=1e-4)

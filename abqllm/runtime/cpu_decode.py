@@ -41,7 +41,7 @@ from abqllm.errors import AbqError
 from abqllm.kernels import registry
 from abqllm.models.arch import arch_for, attention_dims, decoder_blocks, get_submodule
 from abqllm.nn.qlinear import QuantLinear
-from abqllm.quant.hadamard import rotate_last_dim
+from abqllm.quant.hadamard import hadamard_matrix, rotate_last_dim
 
 SUPPORTED_ARCHS = ("llama", "mistral", "qwen2", "qwen3")
 # Rotary variants whose table depends only on the position (not on the current sequence length).
@@ -77,14 +77,13 @@ def _native_linear(module: nn.Module, device: torch.device):
                                 None if module.bias is None else module.bias.detach().float().contiguous())
     if not isinstance(module, QuantLinear) or registry.select("linear", module.kernel, module, device).name != "cpu":
         return None
-    if module.spec.hadamard:  # the native step has no input rotation yet: the Python step runs these
-        return None
     w, a = module.spec.weight, module.spec.act
     offsets = None if a.is_float else cpu_kernels.row_offsets(module.qweight, module.scales, module.zeros,
                                                                module.in_features, w.storage_bits, w.group_size)
     return mod.packed_linear(module.qweight, module.scales, module.zeros, module.bias,
                              getattr(module, "act_scale", None), getattr(module, "act_zero", None), offsets,
-                             module.in_features, w.storage_bits, w.group_size, a.bits, a.symmetric, cpu_kernels.isa())
+                             module.in_features, w.storage_bits, w.group_size, a.bits, a.symmetric, cpu_kernels.isa(),
+                             hadamard_matrix(module.spec.hadamard) if module.spec.hadamard else None)
 
 
 def fuse_quant_linears(layers: list[nn.Module]) -> QuantLinear | None:
@@ -310,7 +309,7 @@ class CpuDecoder:
                    for k in ("qkv", "o", "gate_up", "down")}
             if any(x is None for group in lin.values() for x in group):
                 return f"block {i} has a linear that is neither fp32 nor on the cpu kernel (e.g. a group size " \
-                       "that is not a multiple of 32) or that rotates its input online (--hadamard)"
+                       "that is not a multiple of 32)"
             dec.add_block(m["norm1"].weight.detach(), m["norm2"].weight.detach(), lin["qkv"], lin["o"][0],
                           lin["gate_up"], lin["down"][0],
                           None if m["q_norm"] is None else m["q_norm"].weight.detach(),

@@ -104,8 +104,10 @@ def test_generate_text_accepts_every_engine():
     assert len(set(texts.values())) == 1, texts
 
 
-def test_online_hadamard_layers_run_on_the_python_step():
+def test_online_hadamard_layers_run_natively_and_exactly():
     model = _tiny("llama")
     abqllm.quantize(model, "W4A8+had:512", progress=False)
-    dec = CpuDecoder(model, max_len=16)
-    assert dec.native is None and "--hadamard" in dec.native_reason
+    ids = torch.randint(0, 300, (20,), generator=torch.Generator().manual_seed(3))
+    ref = _teacher_forced(model, ids, 11, native=False)
+    got = _teacher_forced(model, ids, 11, native=True, exact=True)
+    assert torch.equal(got, ref)

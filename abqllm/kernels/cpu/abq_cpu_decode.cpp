@@ -78,12 +78,19 @@ struct Linear {
   bool packed = false;
   Tensor weight, bias;  // float
   Tensor qweight, scales, zeros, act_scale, act_zero, offsets;  // packed
+  Tensor hadamard;  // [b, b] fp32 when the input is rotated online first (QuantLinear.spec.hadamard)
   int64_t in_features = 0, out_features = 0, storage_bits = 0, group_size = 0, act_bits = 16, isa = 0;
   bool act_symmetric = false;
 
   void operator()(const Tensor& x, Tensor& y) const {  // x [1, K] -> y [1, N], both fp32 contiguous
     if (packed) {
-      linear_out(x, qweight, scales, zeros, opt(bias), opt(act_scale), opt(act_zero), opt(offsets), in_features,
+      // The same product as quant/hadamard.py's rotate_last_dim (x as [K/b, b] blocks times H), so the
+      // exact mode stays bit-identical to the Python step.
+      Tensor xr = hadamard.defined()
+                      ? at::matmul(x.view({in_features / hadamard.size(0), hadamard.size(0)}), hadamard)
+                            .view({1, in_features})
+                      : x;
+      linear_out(xr, qweight, scales, zeros, opt(bias), opt(act_scale), opt(act_zero), opt(offsets), in_features,
                  storage_bits, group_size, act_bits, act_symmetric, isa, 0, y);
     } else {
       at::linear_out(y, x, weight, opt(bias));
@@ -107,9 +114,15 @@ std::shared_ptr<Linear> packed_linear(const Tensor& qweight, const Tensor& scale
                                       const std::optional<Tensor>& bias, const std::optional<Tensor>& act_scale,
                                       const std::optional<Tensor>& act_zero, const std::optional<Tensor>& offsets,
                                       int64_t in_features, int64_t storage_bits, int64_t group_size, int64_t act_bits,
-                                      bool act_symmetric, int64_t isa) {
+                                      bool act_symmetric, int64_t isa, const std::optional<Tensor>& hadamard) {
   auto L = std::make_shared<Linear>();
   L->packed = true;
+  if (hadamard.has_value()) {
+    TORCH_CHECK(hadamard->dim() == 2 && hadamard->size(0) == hadamard->size(1) &&
+                    hadamard->scalar_type() == at::kFloat && in_features % hadamard->size(0) == 0,
+                "native decoder: the Hadamard block must be a float32 [b, b] with b dividing in_features");
+    L->hadamard = hadamard->contiguous();
+  }
   L->qweight = qweight;
   L->scales = scales;
   L->zeros = zeros;
@@ -424,7 +437,8 @@ void bind_decoder(pybind11::module& m) {
   m.def("float_linear", &float_linear, py::arg("weight"), py::arg("bias") = py::none());
   m.def("packed_linear", &packed_linear, py::arg("qweight"), py::arg("scales"), py::arg("zeros"), py::arg("bias"),
         py::arg("act_scale"), py::arg("act_zero"), py::arg("row_offsets"), py::arg("in_features"),
-        py::arg("storage_bits"), py::arg("group_size"), py::arg("act_bits"), py::arg("act_symmetric"), py::arg("isa"));
+        py::arg("storage_bits"), py::arg("group_size"), py::arg("act_bits"), py::arg("act_symmetric"), py::arg("isa"),
+        py::arg("hadamard") = py::none());
   py::class_<NativeDecoder>(m, "NativeDecoder")
       .def(py::init<Tensor, Tensor, double, Tensor, Tensor, int64_t, int64_t, int64_t, double, bool>(),
            py::arg("embed"), py::arg("final_norm"), py::arg("eps"), py::arg("cos"), py::arg("sin_signed"),

@@ -196,3 +196,30 @@ def test_gemv_matches_reference(cfg, w, a, gs, k):
     lg = copy.deepcopy(layer).to(DEV)
     out = torch.full((1, 300), float("nan"), dtype=torch.float16, device=DEV)
     check_close(TL.qlinear(x.to(DEV), **TL.layer_args(lg), config=cfg, out=out), ref, torch.float16)
+
+
+def test_online_hadamard_layer_on_gpu_matches_the_cpu_and_captures():
+    """A +had layer (input rotated by QuantLinear.forward before the kernel) on the GPU: same result as on
+    the CPU, and the rotation (its cached matrix included) replays inside a CUDA graph."""
+    import dataclasses
+    layer = make_layer("4", 8, 0, 256, 1536, seed=9)
+    layer.spec = dataclasses.replace(layer.spec, hadamard=512)
+    x = random_x(2, 1536, torch.float16, seed=9)
+    from abqllm.quant.hadamard import rotate_last_dim
+    # the reference gets the input rotated as forward rotates it on the GPU (fp16), so 8-bit codes agree
+    ref = linear_reference(layer, rotate_last_dim(x.to(DEV), 512).cpu().double())
+    assert (rotate_last_dim(x.to(DEV), 512).cpu().double() - rotate_last_dim(x.double(), 512)).abs().max() < 1e-2
+    lg = copy.deepcopy(layer).to(DEV)
+    check_close(lg(x.to(DEV)), ref, torch.float16)
+    static_x = x.to(DEV).clone()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        lg(static_x)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_y = lg(static_x)
+    graph.replay()
+    torch.cuda.synchronize()
+    check_close(static_y, ref, torch.float16)

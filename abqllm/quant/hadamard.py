@@ -64,15 +64,27 @@ def block_size_for(k: int, max_block: int) -> int:
 def rotate_last_dim(x: torch.Tensor, b: int) -> torch.Tensor:
     """x @ blockdiag(H_b, ..., H_b) over the last dimension (its size a multiple of b).
 
-    Computed in x's dtype, except float16/bfloat16 on the CPU, which go through float32.
+    float32 on the CPU without autograd: the CPU extension's fast Walsh-Hadamard transform (b log2 b
+    additions per block, the same code the native decode step runs). Otherwise a dense product with
+    H_b in x's dtype (float16/bfloat16 on the CPU go through float32); on a GPU that is one small GEMM.
     """
     k = x.shape[-1]
     if k % b:
         raise AbqError(f"input of {k} columns cannot take Hadamard blocks of {b}; the layer is inconsistent")
+    if x.dtype == torch.float32 and x.device.type == "cpu" and not (torch.is_grad_enabled() and x.requires_grad):
+        fast = _cpu_transform()
+        if fast is not None:
+            return fast(x, b)
     dt = x.dtype if (x.is_cuda or x.dtype in (torch.float32, torch.float64)) else torch.float32
     h = hadamard_matrix(b, dt, x.device)
     y = (x.to(dt).reshape(*x.shape[:-1], k // b, b) @ h).reshape(x.shape)
     return y.to(x.dtype)
+
+
+def _cpu_transform():
+    from abqllm.kernels import cpu as cpu_kernels
+
+    return cpu_kernels.module().hadamard_transform if cpu_kernels.available() else None
 
 
 def _pre_hook(module: nn.Module, args):

@@ -41,7 +41,7 @@ from abqllm.errors import AbqError
 from abqllm.kernels import registry
 from abqllm.models.arch import arch_for, attention_dims, decoder_blocks, get_submodule
 from abqllm.nn.qlinear import QuantLinear
-from abqllm.quant.hadamard import hadamard_matrix, rotate_last_dim
+from abqllm.quant.hadamard import rotate_last_dim
 
 SUPPORTED_ARCHS = ("llama", "mistral", "qwen2", "qwen3")
 # Rotary variants whose table depends only on the position (not on the current sequence length).
@@ -83,7 +83,7 @@ def _native_linear(module: nn.Module, device: torch.device):
     return mod.packed_linear(module.qweight, module.scales, module.zeros, module.bias,
                              getattr(module, "act_scale", None), getattr(module, "act_zero", None), offsets,
                              module.in_features, w.storage_bits, w.group_size, a.bits, a.symmetric, cpu_kernels.isa(),
-                             hadamard_matrix(module.spec.hadamard) if module.spec.hadamard else None)
+                             module.spec.hadamard)
 
 
 def fuse_quant_linears(layers: list[nn.Module]) -> QuantLinear | None:

@@ -75,6 +75,13 @@ def test_rtn_w4a16g64_reproduces_golden(setup):
     assert got == pytest.approx(want, rel=2e-3)
 
 
+def test_rtn_w4a4_online_hadamard_reproduces_golden(setup):
+    """W4A4 RTN is fragile (float rounding in the rotation moved it 539 -> 514 when the CPU transform
+    changed), so 5%; the point is the level: plain W4A4 RTN is 1110.9 on these windows."""
+    got, want = _golden_quantized("rtn_W4A4had512", setup)
+    assert got == pytest.approx(want, rel=0.05)
+
+
 @pytest.mark.slow
 def test_abq_w4a16_cpu_preset_reproduces_golden(setup):
     """ABQ's training is seeded per block; thread counts can still move float sums a little."""

@@ -7,8 +7,10 @@ them: the SwiGLU output that feeds down_proj has such outliers, and at 4-bit act
 what breaks the layer (benchmarks/results/abq_dev_runs.md: W4A4 RTN 1110.9 -> 545.1 with this alone).
 
 The weight is rotated once, offline (W -> W H, then quantized); the input is rotated at run time,
-before activation quantization, by every kernel alike (QuantLinear.forward). The cost is one
-[.., K] x [b, b] product per call: K*b multiply-adds per token against the layer's K*N.
+before activation quantization, by every kernel alike (QuantLinear.forward; the native CPU decode
+step does the same). On the CPU that is a fast Walsh-Hadamard transform in the extension (K log2 b
+additions per token); elsewhere, and under autograd, a [.., K/b, b] x [b, b] product (K*b
+multiply-adds per token against the layer's K*N; one small GEMM on a GPU).
 
 The rotation is installed on the float model before calibration, as a forward pre-hook registered
 first on the layer: the methods' own hooks (activation fake-quantization, input statistics, GPTQ's

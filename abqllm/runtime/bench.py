@@ -18,6 +18,8 @@ for variants requantized from it with llama_model_quantize (kept in the work fol
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import os
 import re
@@ -120,7 +122,7 @@ def config_spec(name: str):
         spec = parse_scheme(name[: -len(HEAD_SUFFIX)])
         if spec.lm_head is not None:
             raise AbqError(f"config {name!r} gives lm_head two schemes; use either +lm_head or +head...")
-        return QuantSpec(spec.weight, spec.act, skip=())
+        return dataclasses.replace(spec, skip=())  # keeps +rot / +had
     m = HEAD_BITS_RE.match(name.strip())
     if not m:
         return parse_scheme(name)
@@ -133,7 +135,7 @@ def config_spec(name: str):
         hint = re.sub(r" \(use --\w+[^)]*\)$", "", str(e))
         raise AbqError(f"config {name!r}: lm_head {hint}") from None
     head = LayerSpec(weight, ActSpec(16 if spec.act.is_float else 8))
-    return QuantSpec(spec.weight, spec.act, lm_head=head)
+    return dataclasses.replace(spec, lm_head=head)
 
 
 def prompt_ids(tokenizer, n: int) -> list[int]:

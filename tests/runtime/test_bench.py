@@ -106,3 +106,13 @@ def test_llama_cpp_worker_on_the_shipped_gguf(default_model_dir, tmp_path):
     dst = tmp_path / "q8.gguf"
     bench._quantize_gguf(gguf, dst, "Q8_0", threads=1)
     assert bench._gguf_format(dst) == "Q8_0"
+
+
+@pytest.mark.parametrize("name,want", [("W4A8+had:512+head8", "W4A8+had:512+head:W8A8"),
+                                       ("W4A4+rot+had:64+lm_head", "W4A4+rot+had:64"),
+                                       ("W4A8+head8", "W4A8+head:W8A8")])
+def test_config_names_keep_rotations(name, want):
+    from abqllm.runtime.bench import config_spec
+    spec = config_spec(name)
+    assert spec.name == want
+    assert spec.is_skipped("lm_head") == (not name.endswith("+lm_head"))

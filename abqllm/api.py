@@ -27,7 +27,7 @@ from abqllm.methods import get_method
 from abqllm.methods.rotation import rotate_model
 from abqllm.models.hub import is_quantized_checkpoint, load_float_model
 from abqllm.nn.qlinear import QuantLinear
-from abqllm.quant.hadamard import install_on_down_projections
+from abqllm.quant.hadamard import install_on_blocks
 from abqllm.spec import QuantSpec, parse_scheme
 
 
@@ -73,8 +73,8 @@ def quantize(model: nn.Module, spec: QuantSpec | str, method: str = "rtn", calib
     t0 = time.perf_counter()
     if spec.rotate:
         rotate_model(model, seed)
-    if spec.hadamard:  # after any residual rotation: the two act on different sides of down_proj's weight
-        install_on_down_projections(model, spec.hadamard, spec.is_skipped)
+    if spec.hadamard:  # after any residual rotation: W -> Q^T W H acts on both sides of a weight, in either order
+        install_on_blocks(model, spec.hadamard, spec.is_skipped, spec.hadamard_layers)
     with _attention_probabilities(model, getattr(m, "needs_attention_maps", False)):
         layers, blocks = quantize_blocks(model, spec, m, calib_ids, device, progress=progress, store=store,
                                          seed=seed)

@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="online block-Hadamard rotation of each down projection's input, blocks of up to B "
                         "columns (a power of two, e.g. 512); spreads the SwiGLU outliers before 4-bit activations. "
                         "0 = off (default). Not exportable to compressed-tensors")
+    q.add_argument("--hadamard-layers", default="down", choices=["down", "all"],
+                   help="which linears --hadamard rotates the input of: down (each block's down projection, "
+                        "default) or all (every linear of the blocks; the best W4A4)")
     q.add_argument("--skip", default="lm_head", help="comma-separated module name patterns left in float")
     q.add_argument("--lm-head", default=None, metavar="SCHEME",
                    help="the output layer's own scheme, round-to-nearest, e.g. W8A8 or W8A16 (wins over --skip); "
@@ -221,6 +224,7 @@ def _spec_from_args(a):
         raise AbqError(f"--hadamard must be 0 (off) or a power of two such as 512, got {had!r}")
     spec = QuantSpec(weight, ActSpec(a.abits, dynamic=not a.act_static), skip=skip, kv_bits=a.kv_bits,
                      lm_head=None if head in (None, "float") else head, hadamard=int(had),
+                     hadamard_layers=getattr(a, "hadamard_layers", "down"),
                      rotate=bool(getattr(a, "rotate", False)))
     spec.head_layer()  # refuses a head scheme that cannot work before the model is loaded
     return spec

@@ -128,6 +128,7 @@ class LayerSpec:
 
 HEAD_NAME = "+head:"  # spec.name of a body with its own head scheme: "W4A8+head:W8A8"
 HAD_NAME = "+had:"  # spec.name with an online Hadamard on the down projection's input: "W4A4+had:512"
+HADAMARD_LAYERS = ("down", "all")  # which linears QuantSpec.hadamard rotates the input of
 ROT_NAME = "+rot"  # spec.name of a model whose residual stream was rotated before quantization: "W4A4+rot"
 
 
@@ -153,7 +154,8 @@ class QuantSpec:
     kv_bits: int = FLOAT_BITS
     version: int = field(default=FORMAT_VERSION)
     lm_head: LayerSpec | None = None
-    hadamard: int = 0  # largest online Hadamard block on each down projection's input (0: none)
+    hadamard: int = 0  # largest online Hadamard block on the inputs of `hadamard_layers` (0: none)
+    hadamard_layers: str = "down"  # "down": each block's down projection; "all": every linear of the blocks
     rotate: bool = False  # rotate the residual stream (methods/rotation.py) before calibrating: offline, no run-time op
 
     def __post_init__(self):
@@ -161,6 +163,8 @@ class QuantSpec:
         b = self.hadamard
         if not isinstance(b, int) or isinstance(b, bool) or b < 0 or (b and (b & (b - 1) or b < 8)):
             raise AbqError(f"--hadamard must be 0 (off) or a power of two >= 8 (e.g. 512), got {b!r}")
+        if self.hadamard_layers not in HADAMARD_LAYERS:
+            raise AbqError(f"--hadamard-layers must be one of {', '.join(HADAMARD_LAYERS)}, got {self.hadamard_layers!r}")
         object.__setattr__(self, "kv_bits", _check_int(self.kv_bits, "kv bits", 2, 8, "--kv-bits 2..8 or 16",
                                                        extra=(FLOAT_BITS,)))
         if self.kv_bits != FLOAT_BITS:
@@ -181,6 +185,7 @@ class QuantSpec:
     def name(self) -> str:
         rot = ROT_NAME if self.rotate else ""
         had = f"{HAD_NAME}{self.hadamard}" if self.hadamard else ""
+        had += f":{self.hadamard_layers}" if self.hadamard and self.hadamard_layers != "down" else ""
         return self.layer.name + rot + had + (f"{HEAD_NAME}{self.lm_head.name}" if self.lm_head is not None else "")
 
     def is_skipped(self, module_name: str) -> bool:
@@ -207,6 +212,8 @@ class QuantSpec:
             d["lm_head"] = self.lm_head.to_dict()
         if self.hadamard:  # likewise
             d["hadamard"] = self.hadamard
+            if self.hadamard_layers != "down":
+                d["hadamard_layers"] = self.hadamard_layers
         if self.rotate:
             d["rotate"] = True
         return d
@@ -223,6 +230,7 @@ class QuantSpec:
             raise AbqError(f"malformed lm_head spec {head!r} in quantization_config; re-quantize the model")
         return cls(layer.weight, layer.act, tuple(d.get("skip", ())), d.get("kv_bits", FLOAT_BITS),
                    lm_head=LayerSpec.from_dict(head) if head is not None else None, hadamard=d.get("hadamard", 0),
+                   hadamard_layers=d.get("hadamard_layers", "down"),
                    rotate=bool(d.get("rotate", False)))
 
 
@@ -248,7 +256,8 @@ def parse_scheme(name: str) -> QuantSpec:
     """'W4A8', 'W2*A16', 'W4A16g64' -> QuantSpec (asymmetric weights, dynamic per-token activations).
 
     Suffixes, as spec.name writes them: '+rot' rotates the residual stream first (QuantSpec.rotate),
-    '+had:512' adds the online Hadamard on the down projections' input (QuantSpec.hadamard), and
+    '+had:512' adds the online Hadamard on the down projections' input (QuantSpec.hadamard; '+had:512:all'
+    on every linear's input), and
     '+head:W8A8' gives the output layer its own scheme (QuantSpec.lm_head): 'W4A4+rot+had:512+head:W8A8'.
     """
     body, *suffixes = str(name).strip().replace(" ", "").split("+")
@@ -262,8 +271,14 @@ def parse_scheme(name: str) -> QuantSpec:
         if key in opts or key not in ("rot", "had", "head") or (key == "rot" and colon) or (key != "rot" and not colon):
             raise AbqError(f"cannot read scheme {name!r} at {'+' + sfx!r}; the suffixes are +rot, +had:BLOCK and "
                            "+head:SCHEME, e.g. W4A4+rot+had:512+head:W8A8")
-        if key == "had" and not value.isdigit():
-            raise AbqError(f"cannot read the Hadamard block in {name!r}; write it like W4A4+had:512")
+        if key == "had":
+            block, _, layers = value.partition(":")
+            if not block.isdigit():
+                raise AbqError(f"cannot read the Hadamard block in {name!r}; write it like W4A4+had:512 "
+                               "or W4A4+had:512:all")
+            opts["had_layers"] = layers or "down"
+            value = block
         opts[key] = value
     return QuantSpec(layer.weight, layer.act, rotate="rot" in opts, hadamard=int(opts.get("had", 0)),
+                     hadamard_layers=opts.get("had_layers", "down"),
                      lm_head=parse_layer_scheme(opts["head"], what="lm_head scheme") if "head" in opts else None)

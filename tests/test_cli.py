@@ -53,12 +53,12 @@ def test_balanced_and_groups(tiny, capsys):
 def test_online_hadamard(tiny, capsys):
     out = tiny / "had"
     code, _, err = _run(capsys, "quantize", "--model", str(tiny / "model"), "--wbits", "4", "--abits", "4",
-                        "--rotate", "--hadamard", "64", "--out", str(out))
+                        "--rotate", "--hadamard", "64", "--hadamard-layers", "all", "--out", str(out))
     assert code == 0, err
     cfg = json.loads((out / "config.json").read_text())["quantization_config"]
     assert cfg["spec"]["hadamard"] == 64 and cfg["spec"]["rotate"] is True
     assert cfg["layers"]["model.layers.0.mlp.down_proj"]["hadamard"] == 32  # 160 columns: blocks of 32
-    assert "hadamard" not in cfg["layers"]["model.layers.0.mlp.up_proj"]
+    assert cfg["layers"]["model.layers.0.mlp.up_proj"]["hadamard"] == 64 and cfg["spec"]["hadamard_layers"] == "all"
     code, stdout, err = _run(capsys, "generate", "--model", str(out), "--prompt", "The capital",
                              "--max-new-tokens", "5")
     assert code == 0 and stdout.startswith("The capital"), err

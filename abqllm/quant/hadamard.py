@@ -1,4 +1,5 @@
-"""Online block-Hadamard rotation of a linear layer's input (QuaRot's rotation of the down projection).
+"""Online block-Hadamard rotation of a linear layer's input (QuaRot's rotation of the down projection;
+optionally of every linear of the blocks).
 
 A linear y = x W^T computes the same function as y = (x H)(W H)^T for any orthogonal H. With H a
 block-diagonal of normalised Sylvester Hadamard matrices of size b (a power of two), x H spreads
@@ -114,20 +115,25 @@ def rotated_block(linear: nn.Module) -> int:
     return int(getattr(linear, ATTR, 0) or 0)
 
 
-def install_on_down_projections(model: nn.Module, max_block: int, is_skipped) -> dict[str, int]:
-    """`install` on every decoder block's down projection that is quantized (`is_skipped(full name)` false).
+def install_on_blocks(model: nn.Module, max_block: int, is_skipped, layers: str = "down") -> dict[str, int]:
+    """`install` on the quantized linears (`is_skipped(full name)` false) of every decoder block: the down
+    projection only (layers="down") or every linear ("all"). A skipped one stays as it is: it is saved
+    float, and a checkpoint has no place for its rotation. Returns {full name: block size}.
 
-    A skipped one stays as it is: it is saved float, and a checkpoint has no place for its rotation.
-    Returns {full name: block size}.
+    "all" also rotates q/k/v and gate/up, whose input is the normed residual: there the massive
+    activation channels are already multiplied by their ~0 norm weights (unlike under a residual
+    rotation, see methods/rotation.py), so spreading the rest costs nothing.
     """
-    from abqllm.models.arch import arch_for, decoder_blocks
+    from abqllm.models.arch import arch_for, block_linears, decoder_blocks
 
     arch = arch_for(model.config)
-    if not arch.mlp_down:
+    if layers == "down" and not arch.mlp_down:
         raise AbqError(f"{arch.name} has no down projection to rotate; drop --hadamard")
     done = {}
     for i, block in enumerate(decoder_blocks(model, arch)):
-        name = f"{arch.blocks}.{i}.{arch.mlp_down}"
-        if not is_skipped(name):
-            done[name] = install(block.get_submodule(arch.mlp_down), max_block)
+        names = [arch.mlp_down] if layers == "down" else list(block_linears(block, arch))
+        for rel in names:
+            name = f"{arch.blocks}.{i}.{rel}"
+            if not is_skipped(name):
+                done[name] = install(block.get_submodule(rel), max_block)
     return done

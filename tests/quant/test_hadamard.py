@@ -128,3 +128,18 @@ def test_cpu_fast_transform_agrees_with_the_dense_product_and_autograd_still_wor
     xg = x.clone().requires_grad_()
     H.rotate_last_dim(xg, 512).sum().backward()  # calibration trains through the rotation: the dense path
     assert xg.grad is not None and torch.isfinite(xg.grad).all()
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq", "abq+gptq"])
+def test_rotation_of_every_linear(method, tmp_path):
+    model, tok, ids, out, err = _quantized_error(method, "W8A8+had:512:all")
+    blk = model.model.layers[0]
+    assert blk.mlp.down_proj.spec.hadamard == 32
+    assert all(getattr(blk, p).get_submodule(n).spec.hadamard == 64  # 64 input columns: one block of 64
+               for p, n in [("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "v_proj"),
+                            ("self_attn", "o_proj"), ("mlp", "gate_proj"), ("mlp", "up_proj")])
+    err_plain = _quantized_error(method, "W8A8")[-1]
+    assert err < 2 * err_plain, (err, err_plain)  # a wrong basis would be off by orders of magnitude
+    loaded, _ = abqllm.load_model(str(abqllm.save_quantized(model, tok, tmp_path / "c")))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids[:1]).logits, out)

@@ -26,7 +26,8 @@ def _from_pretrained(folder):
 @pytest.fixture(scope="module", params=[
     QuantSpec(WeightSpec(4, group_size=32), ActSpec(8), skip=("lm_head", "*.down_proj")),
     QuantSpec(WeightSpec(2, balanced=True), skip=()),  # lm_head quantized too (untied)
-], ids=["W4A8g32-skip-down", "W2*A16-with-lm_head"])
+    QuantSpec(WeightSpec(4), ActSpec(4), rotate=True, hadamard=64, hadamard_layers="all"),  # rotated layers
+], ids=["W4A8g32-skip-down", "W2*A16-with-lm_head", "W4A4-rot-had-all"])
 def ckpt(request, tmp_path_factory):
     model, tok = make_tiny_llama()
     abqllm.quantize(model, request.param, progress=False)

@@ -43,7 +43,9 @@ class ABQ:
     name: str = "abq"
     epochs: int = 1
     lr_smooth: float = 1e-2      # equivalent-transform scales
-    lr_clip: float = 2e-2        # clipping and compensation
+    lr_clip: float = 2e-2        # clipping (and compensation, unless lr_comp is set)
+    lr_comp: float | None = None  # compensation vectors; None: lr_clip. Adam's first steps move every entry of
+                                  # a by ~lr, i.e. every weight of its row by ~lr: with few steps that is large
     batch_size: int = 4
     alpha: float = 0.5           # SmoothQuant-style initialisation exponent (init="smoothquant")
     init: str = "auto"           # transform start: smoothquant | identity | awq | auto (per block, see _start)
@@ -94,9 +96,11 @@ class ABQ:
         trainable = [p for p in params.values() if p.requires_grad]
         if not trainable or self.epochs == 0:
             return {k: v.detach() for k, v in params.items()}
+        lr_comp = self.lr_clip if self.lr_comp is None else self.lr_comp
         opt = torch.optim.AdamW([
             {"params": [v for k, v in params.items() if k.startswith("smooth.")], "lr": self.lr_smooth},
-            {"params": [v for k, v in params.items() if not k.startswith("smooth.")], "lr": self.lr_clip},
+            {"params": [v for k, v in params.items() if k.startswith("clip.")], "lr": self.lr_clip},
+            {"params": [v for k, v in params.items() if k.startswith("comp.")], "lr": lr_comp},
         ], weight_decay=0.0)
         n = ctx.x_q.shape[0]
         t0 = time.perf_counter()

@@ -13,6 +13,10 @@ The output layer (lm_head) is float by default (it is in `skip`). `QuantSpec.lm_
 scheme of its own (e.g. W8A8 under a W4A8 body, as llama.cpp keeps its output tensor at Q8_0),
 which wins over `skip`; without it, taking lm_head out of `skip` quantizes it with the body's scheme.
 Names: "W4A8+head:W8A8" (parse_scheme reads them back).
+
+Rotations (QuantSpec.rotate, QuantSpec.hadamard / hadamard_layers) are part of the scheme too: the
+residual rotation is offline ("+rot"); the online Hadamard changes what the quantized layers compute, so
+each rotated layer's LayerSpec records its block size ("+had:512", "+had:512:all").
 """
 
 from __future__ import annotations

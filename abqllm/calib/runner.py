@@ -222,8 +222,9 @@ def quantize_blocks(model: nn.Module, spec: QuantSpec, method: Method, calib_ids
             if store is not None:
                 store.save(i, result)
         for name, qlayer in method.apply(ctx, result).items():
-            if rotated_block(linears[name]):  # the float layer's input rotation moves into the quantized layer
-                qlayer.spec = dataclasses.replace(qlayer.spec, hadamard=rotated_block(linears[name]))
+            b = rotated_block(linears[name])
+            if b:  # the float layer's input rotation moves into the quantized layer
+                qlayer.spec = dataclasses.replace(qlayer.spec, hadamard=b)
             block.set_submodule(name, qlayer)
             layers[f"{prefix}.{name}"] = qlayer.spec.to_dict()
         if needs_data:

@@ -66,7 +66,8 @@ def switched_off_channels(model: nn.Module, arch: ArchSpec, rel: float = 0.02, s
 def rotation_matrix(d: int, seed: int, keep: list[int]) -> torch.Tensor:
     """Random orthogonal d x d acting as the identity on the `keep` channels."""
     q = torch.eye(d, dtype=torch.float64)
-    rest = torch.tensor([i for i in range(d) if i not in set(keep)])
+    keep = set(keep)
+    rest = torch.tensor([i for i in range(d) if i not in keep])
     q[rest[:, None], rest[None, :]] = random_orthogonal(len(rest), seed)
     return q
 

@@ -90,9 +90,12 @@ class QuantLinear(nn.Module):
             return self.act_scale, self.act_zero
         return P.act_qparams(x, self.spec.act)
 
+    def rotated_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The input as the kernels take it: rotated when the layer has an online Hadamard, else as is."""
+        return rotate_last_dim(x, self.spec.hadamard) if self.spec.hadamard else x
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.spec.hadamard:
-            x = rotate_last_dim(x, self.spec.hadamard)
+        x = self.rotated_input(x)
         return registry.select("linear", self.kernel, self, x.device).fn(self, x)
 
     def extra_repr(self) -> str:

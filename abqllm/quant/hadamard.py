@@ -31,26 +31,16 @@ ATTR = "online_hadamard"  # block size on a float nn.Linear whose input is rotat
 MIN_BLOCK = 8
 
 
-@functools.lru_cache(maxsize=16)
-def _hadamard_cpu64(b: int) -> torch.Tensor:
+@functools.lru_cache(maxsize=32)
+def hadamard_matrix(b: int, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Normalised Sylvester Hadamard matrix [b, b] (symmetric, orthogonal), b a power of two; cached per
+    (b, dtype, device), so a forward pass (or a CUDA-graph capture after warm-up) builds nothing."""
+    if b < 1 or b & (b - 1):
+        raise AbqError(f"a Hadamard block must be a power of two, got {b}")
     h = torch.ones(1, 1, dtype=torch.float64)
     while h.shape[0] < b:
         h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-    return h / b ** 0.5
-
-
-_DEVICE_CACHE: dict[tuple, torch.Tensor] = {}
-
-
-def hadamard_matrix(b: int, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Normalised Sylvester Hadamard matrix [b, b] (symmetric, orthogonal), b a power of two."""
-    if b < 1 or b & (b - 1):
-        raise AbqError(f"a Hadamard block must be a power of two, got {b}")
-    key = (b, dtype, str(device))
-    h = _DEVICE_CACHE.get(key)
-    if h is None:
-        h = _DEVICE_CACHE[key] = _hadamard_cpu64(b).to(device=device, dtype=dtype)
-    return h
+    return (h / b ** 0.5).to(device=device, dtype=dtype)
 
 
 def block_size_for(k: int, max_block: int) -> int:
@@ -120,9 +110,9 @@ def install_on_blocks(model: nn.Module, max_block: int, is_skipped, layers: str 
     projection only (layers="down") or every linear ("all"). A skipped one stays as it is: it is saved
     float, and a checkpoint has no place for its rotation. Returns {full name: block size}.
 
-    "all" also rotates q/k/v and gate/up, whose input is the normed residual: there the massive
-    activation channels are already multiplied by their ~0 norm weights (unlike under a residual
-    rotation, see methods/rotation.py), so spreading the rest costs nothing.
+    "all" also rotates q/k/v, o and gate/up. At 4-bit activations that is what counts (RTN W4A4 514 -> 63.6 on
+    the default model); for weight-only RTN it costs a little (W4A16 33.8 -> 36.1): benchmarks/results/
+    abq_dev_runs.md, "The online Hadamard on other linears".
     """
     from abqllm.models.arch import arch_for, block_linears, decoder_blocks
 

@@ -19,7 +19,6 @@ for variants requantized from it with llama_model_quantize (kept in the work fol
 from __future__ import annotations
 
 import dataclasses
-
 import json
 import os
 import re

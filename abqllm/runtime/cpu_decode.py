@@ -41,7 +41,6 @@ from abqllm.errors import AbqError
 from abqllm.kernels import registry
 from abqllm.models.arch import arch_for, attention_dims, decoder_blocks, get_submodule
 from abqllm.nn.qlinear import QuantLinear
-from abqllm.quant.hadamard import rotate_last_dim
 
 SUPPORTED_ARCHS = ("llama", "mistral", "qwen2", "qwen3")
 # Rotary variants whose table depends only on the position (not on the current sequence length).
@@ -56,8 +55,8 @@ def _linear_fn(module: nn.Module, device: torch.device) -> Fn:
     if isinstance(module, QuantLinear):
         kernel = registry.select("linear", module.kernel, module, device)
         if module.spec.hadamard:
-            b, fn = module.spec.hadamard, kernel.fn
-            return lambda x: fn(module, rotate_last_dim(x, b))
+            fn = kernel.fn
+            return lambda x: fn(module, module.rotated_input(x))
         return partial(kernel.fn, module)
     if type(module) is nn.Linear:
         return partial(F.linear, weight=module.weight, bias=module.bias)

@@ -16,6 +16,12 @@ Inputs X come from the quantized stream (ctx.x_q). With `sequential` (the defaul
 groups already done are quantized: o_proj sees the output of quantized q/k/v, and so on (one block
 forward per group). Otherwise all linears read the float block's inputs on x_q (one forward).
 H uses the linears' float inputs even when activations are quantized (WxA<16).
+
+`asym` (asymmetric calibration, after GPTAQ, Li et al. 2025): the quantized stream's inputs X differ
+from the float stream's X~, and what the next block should see is the float output X~ W^T, not X W^T.
+The least-squares weight for that target is W* = W + W D H^-1 with D = (X~ - X)^T X; and since
+||X~ W^T - X Q^T||^2 = ||X (W* - Q)^T||^2 + const, GPTQ run on W* (same Hessian) minimises the
+asymmetric error exactly. `asym` in [0, 1] scales the correction (1: the full least-squares shift).
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from abqllm.calib.runner import BlockContext
+from abqllm.errors import AbqError
 from abqllm.formats.packing import pack_bits
 from abqllm.nn.qlinear import QuantLinear
 from abqllm.quant import primitives as P
@@ -48,6 +55,21 @@ def inverse_hessian_factor(h: torch.Tensor, percdamp: float) -> torch.Tensor:
                 return upper
         damp = damp * 10
     raise RuntimeError("the Hessian stays singular after dampening; use more or other calibration data")
+
+
+@torch.no_grad()
+def asymmetric_target(w: torch.Tensor, h: torch.Tensor, d: torch.Tensor, percdamp: float,
+                      strength: float = 1.0) -> torch.Tensor:
+    """W + strength * W D (H + damp I)^-1: the weight whose output on the quantized stream's inputs best
+    matches the float weight's output on the float stream's inputs (H = 2 X^T X / n, D = 2 (X~ - X)^T X / n).
+    """
+    w, h, d = w.detach().float(), h.detach().float(), d.detach().float()
+    k = h.shape[0]
+    damp = percdamp * torch.mean(torch.diag(h)).clamp(min=1e-8)
+    h = h + damp * torch.eye(k, device=h.device, dtype=h.dtype)
+    # (W D) H^-1 = solve(H, (W D)^T)^T, H symmetric positive definite after dampening
+    shift = torch.linalg.solve(h, (w @ d).T).T
+    return w + strength * shift
 
 
 @torch.no_grad()
@@ -109,19 +131,33 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, spec: WeightSpec, percdamp: 
 
 
 class HessianStats:
-    """Forward pre-hooks that accumulate X^T X, the token count and the input range of each linear."""
+    """Forward pre-hooks that accumulate X^T X, the token count and the input range of each linear;
+    with `float_hook`s on the float block's twins (run on the same windows just before), also
+    D = (X~ - X)^T X for the asymmetric target."""
 
     def __init__(self, linears: dict[str, torch.nn.Module]):
         self.xtx: dict[str, torch.Tensor] = {}
+        self.cross: dict[str, torch.Tensor] = {}
         self.count: dict[str, int] = {}
         self.range: dict[str, tuple[float, float]] = {}
+        self.float_x: dict[str, torch.Tensor] = {}
         self.linears = linears
+
+    def float_hook(self, name: str):
+        def fn(_module, args):
+            self.float_x[name] = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+        return fn
 
     def hook(self, name: str):
         def fn(_module, args):
             x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
             prev = self.xtx.get(name)
             self.xtx[name] = x.T @ x if prev is None else prev.addmm_(x.T, x)
+            x_fp = self.float_x.pop(name, None)
+            if x_fp is not None:
+                delta = x_fp - x
+                prev = self.cross.get(name)
+                self.cross[name] = delta.T @ x if prev is None else prev.addmm_(delta.T, x)
             self.count[name] = self.count.get(name, 0) + x.shape[0]
             lo, hi = self.range.get(name, (float("inf"), float("-inf")))
             self.range[name] = (min(lo, x.min().item()), max(hi, x.max().item()))
@@ -129,6 +165,9 @@ class HessianStats:
 
     def hessian(self, name: str) -> torch.Tensor:
         return self.xtx[name] * (2.0 / self.count[name])
+
+    def cross_term(self, name: str) -> torch.Tensor:
+        return self.cross[name] * (2.0 / self.count[name])
 
 
 def quant_linear_from_codes(linear: torch.nn.Linear, spec: LayerSpec, codes: torch.Tensor, scale: torch.Tensor,
@@ -150,34 +189,52 @@ class GPTQ:
     act_order: bool = True
     static_groups: bool = False  # implied by act_order when there are groups
     sequential: bool = True      # groups in forward order, later ones reading quantized earlier ones
+    asym: float = 0.0            # asymmetric calibration strength (module docstring); 0: plain GPTQ
+
+    def __post_init__(self):
+        if not 0.0 <= self.asym <= 1.0:
+            raise AbqError(f"gptq asym must be in [0, 1] (0: off, 1: the full least-squares shift), got {self.asym}")
 
     def needs_data(self, spec: QuantSpec) -> bool:
         return True
 
     def settings(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if k != "name"}
+        # asym is left out while off, so calibration artifacts made before it existed keep their keys
+        return {k: v for k, v in asdict(self).items() if k != "name" and not (k == "asym" and v == 0.0)}
 
     @torch.no_grad()
     def calibrate(self, ctx: BlockContext, qparams: dict | None = None) -> dict[str, torch.Tensor]:
         """`qparams` {linear: (scale, zero)} fixes the grid of some linears (compositions)."""
         static_act = not ctx.spec.act.is_float and not ctx.spec.act.dynamic
+        # asym reads the float block too, so it never hooks the block it quantizes
+        work = copy.deepcopy(ctx.block) if self.sequential or self.asym else ctx.block
         if self.sequential:
-            work = copy.deepcopy(ctx.block)
             stages = [[n for n in g.linears if n in ctx.linears] for g in ctx.arch.groups]
         else:
-            work, stages = ctx.block, [list(ctx.linears)]
+            stages = [list(ctx.linears)]
         result: dict[str, torch.Tensor] = {}
         for names in filter(None, stages):
             linears = {n: work.get_submodule(n) for n in names}
             stats = HessianStats(linears)
             handles = [lin.register_forward_pre_hook(stats.hook(n)) for n, lin in linears.items()]
+            if self.asym:  # the float block's twins of these linears, on the float stream
+                handles += [ctx.block.get_submodule(n).register_forward_pre_hook(stats.float_hook(n))
+                            for n in names]
             try:
-                ctx.run(work, ctx.x_q)
+                if self.asym:  # window by window: each quantized input meets its float twin
+                    for i in range(0, ctx.x_q.shape[0], ctx.batch_size):
+                        ctx.run(ctx.block, ctx.x_fp[i:i + ctx.batch_size])
+                        ctx.run(work, ctx.x_q[i:i + ctx.batch_size])
+                else:
+                    ctx.run(work, ctx.x_q)
             finally:
                 for hd in handles:
                     hd.remove()
             for n, lin in linears.items():
-                codes, scale, zero = gptq_quantize(lin.weight, stats.hessian(n), ctx.spec.weight, self.percdamp,
+                w = lin.weight
+                if self.asym:
+                    w = asymmetric_target(w, stats.hessian(n), stats.cross_term(n), self.percdamp, self.asym)
+                codes, scale, zero = gptq_quantize(w, stats.hessian(n), ctx.spec.weight, self.percdamp,
                                                    self.block_size, self.act_order, self.static_groups,
                                                    (qparams or {}).get(n))
                 result.update({f"{n}.codes": codes, f"{n}.scale": scale, f"{n}.zero": zero})

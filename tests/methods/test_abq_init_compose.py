@@ -73,6 +73,8 @@ def test_gptq_keeps_given_qparams():
 
 def test_abq_gptq_quantizes_a_model_and_shares_abq_presets():
     assert resolve_preset("abq+gptq", None, "cpu")[0] == resolve_preset("abq", None, "cpu")[0]
+    options, data, name = resolve_preset("abq+gptq", "cpu-large", "cpu")  # the cpu recipe on 4x the tokens
+    assert options == resolve_preset("abq", "cpu", "cpu")[0] and data == (64, 256) and name == "cpu-large"
     m = get_method("abq+gptq", epochs=1, act_order=True, use_attn=True)
     assert m.needs_attention_maps and m.settings()["rounding"] == "gptq" and m.settings()["epochs"] == 1
     model, tok = make_tiny_llama()

@@ -192,7 +192,7 @@ class GPTQ:
     asym: float = 0.0            # asymmetric calibration strength (module docstring); 0: plain GPTQ
 
     def __post_init__(self):
-        if not 0.0 <= self.asym <= 1.0:
+        if isinstance(self.asym, bool) or not isinstance(self.asym, (int, float)) or not 0.0 <= self.asym <= 1.0:
             raise AbqError(f"gptq asym must be in [0, 1] (0: off, 1: the full least-squares shift), got {self.asym}")
 
     def needs_data(self, spec: QuantSpec) -> bool:

@@ -76,6 +76,8 @@ def test_abq_gptq_quantizes_a_model_and_shares_abq_presets():
     options, data, name = resolve_preset("abq+gptq", "cpu-large", "cpu")  # the cpu recipe on 4x the tokens
     assert options == resolve_preset("abq", "cpu", "cpu")[0] and data == (64, 256) and name == "cpu-large"
     m = get_method("abq+gptq", epochs=1, act_order=True, use_attn=True)
+    assert m.rounding.asym == 0.25 and get_method("abq+gptq", asym=0.0).rounding.asym == 0.0
+    assert get_method("gptq").asym == 0.0 and get_method("awq+gptq").rounding.asym == 0.0
     assert m.needs_attention_maps and m.settings()["rounding"] == "gptq" and m.settings()["epochs"] == 1
     model, tok = make_tiny_llama()
     ids = torch.randint(0, 300, (4, 32), generator=torch.Generator().manual_seed(1))

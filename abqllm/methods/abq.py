@@ -32,11 +32,12 @@ log = logging.getLogger(__name__)
 # name -> (options, (calibration windows, tokens per window)). Costs are in the README; "cpu"
 # finishes the default model in minutes on 2 cores, "cpu-large" in about 4x that, "paper" is the
 # ABQ-LLM recipe (20 or 40 epochs).
+_CPU_RECIPE = dict(epochs=1, batch_size=4, lr_smooth=1e-2, lr_clip=2e-2)
 PRESETS = {
-    "cpu": (dict(epochs=1, batch_size=4, lr_smooth=1e-2, lr_clip=2e-2), (16, 256)),
+    "cpu": (_CPU_RECIPE, (16, 256)),
     # the cpu recipe on 4x the calibration tokens: about 4x the time, clearly better weights
     # (abq+gptq W4A16g64 23.63 -> 22.55, W4A16 26.46 -> 24.48; README "Measured")
-    "cpu-large": (dict(epochs=1, batch_size=4, lr_smooth=1e-2, lr_clip=2e-2), (64, 256)),
+    "cpu-large": (_CPU_RECIPE, (64, 256)),
     "paper": (dict(epochs=20, lr_smooth=5e-3, lr_clip=1e-2), (128, 2048)),
     "paper-long": (dict(epochs=40, lr_smooth=5e-3, lr_clip=1e-2), (128, 2048)),
 }

@@ -22,6 +22,11 @@ from the float stream's X~, and what the next block should see is the float outp
 The least-squares weight for that target is W* = W + W D H^-1 with D = (X~ - X)^T X; and since
 ||X~ W^T - X Q^T||^2 = ||X (W* - Q)^T||^2 + const, GPTQ run on W* (same Hessian) minimises the
 asymmetric error exactly. `asym` in [0, 1] scales the correction (1: the full least-squares shift).
+
+`refit` (rounds of scale refitting): GPTQ fixes each group's scale before rounding and never revisits it.
+Once the codes are chosen, the scales that minimise the same objective (W - Q) H (W - Q)^T for those codes
+(zero points fixed: they are integers in the format) are a small least-squares solve per row
+(`refit_scales`). Each further round runs GPTQ again on the refitted scales and refits once more.
 """
 
 from __future__ import annotations
@@ -130,6 +135,51 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, spec: WeightSpec, percdamp: 
     return codes[:, torch.argsort(perm)], scale, zero
 
 
+@torch.no_grad()
+def refit_scales(w: torch.Tensor, h: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                 group_size: int, percdamp: float = 0.01) -> torch.Tensor:
+    """Scales [N, G] that minimise (w - s (codes - zero)) (H + damp I) (w - ...)^T row by row, codes and zero
+    points fixed: the layer's output error on the calibration inputs, now that GPTQ has chosen the codes.
+
+    GPTQ picks the scale before rounding (min/max or a learned clip) and never revisits it; once the codes
+    are known the best scale of each row's groups is a small least-squares solve (G x G per row; the groups
+    of a row are coupled through H). Groups without a non-zero code keep their scale, and so do rows whose
+    solve is not usable (a non-positive or non-finite scale, or a larger error once rounded to the float16
+    grid the format stores).
+    """
+    w, h = w.detach().float(), h.detach().float()
+    n, k = w.shape
+    g = scale.shape[1]
+    d = codes.float() - P.expand_groups(zero.float(), k, group_size)  # [N, K] centred codes
+    damp = percdamp * torch.mean(torch.diag(h)).clamp(min=1e-8)
+    h = h + damp * torch.eye(k, device=h.device, dtype=h.dtype)
+    groups = torch.zeros(k, dtype=torch.long, device=w.device) if group_size == 0 else \
+        torch.arange(k, device=w.device) // group_size
+    onehot = torch.nn.functional.one_hot(groups, g).float()  # [K, G]
+    # a[n, g, g'] = sum_{k in g, k' in g'} d[n,k] H[k,k'] d[n,k'];  b[n, g] = sum_{k in g} d[n,k] (H w_n)[k]
+    hw = w @ h
+    b = (d * hw) @ onehot
+    a = torch.empty(n, g, g, device=w.device)
+    for j in range(g):  # the columns of group j: y[n, k] = sum_{k' in j} H[k, k'] d[n, k']
+        cols = groups == j
+        y = d[:, cols] @ h[cols]  # [N, K]
+        a[:, :, j] = (d * y) @ onehot
+    ridge = 1e-6 * a.diagonal(dim1=1, dim2=2).mean(1).clamp(min=1e-12)
+    a = a + ridge[:, None, None] * torch.eye(g, device=w.device)
+    new = torch.linalg.solve(a, b.unsqueeze(-1)).squeeze(-1).half().float()
+    old = scale.float()
+    used = ((d != 0).float() @ onehot) > 0  # a group without a non-zero code does not depend on its scale
+    new = torch.where(used, new, old)
+
+    def error(s):  # per row: (w - w_hat) H (w - w_hat)^T
+        e = w - d * P.expand_groups(s, k, group_size)
+        return ((e @ h) * e).sum(1)
+
+    ok = torch.isfinite(new).all(1) & (new > 0).all(1)
+    ok &= error(torch.where(ok[:, None], new, old)) <= error(old)
+    return torch.where(ok[:, None], new, old)
+
+
 class HessianStats:
     """Forward pre-hooks that accumulate X^T X, the token count and the input range of each linear;
     with `float_hook`s on the float block's twins (run on the same windows just before), also
@@ -190,17 +240,22 @@ class GPTQ:
     static_groups: bool = False  # implied by act_order when there are groups
     sequential: bool = True      # groups in forward order, later ones reading quantized earlier ones
     asym: float = 0.0            # asymmetric calibration strength (module docstring); 0: plain GPTQ
+    refit: int = 0               # rounds of: re-solve the scales for the codes (refit_scales), round again on
+                                 # them; 0: plain GPTQ
 
     def __post_init__(self):
         if isinstance(self.asym, bool) or not isinstance(self.asym, (int, float)) or not 0.0 <= self.asym <= 1.0:
             raise AbqError(f"gptq asym must be in [0, 1] (0: off, 1: the full least-squares shift), got {self.asym}")
+        if isinstance(self.refit, bool) or not isinstance(self.refit, int) or not 0 <= self.refit <= 8:
+            raise AbqError(f"gptq refit must be a whole number of rounds in 0..8 (0: off), got {self.refit!r}")
 
     def needs_data(self, spec: QuantSpec) -> bool:
         return True
 
     def settings(self) -> dict:
-        # asym is left out while off, so calibration artifacts made before it existed keep their keys
-        return {k: v for k, v in asdict(self).items() if k != "name" and not (k == "asym" and v == 0.0)}
+        # asym and refit are left out while off, so calibration artifacts made before they existed keep their keys
+        return {k: v for k, v in asdict(self).items()
+                if k != "name" and not (k in ("asym", "refit") and not v)}
 
     @torch.no_grad()
     def calibrate(self, ctx: BlockContext, qparams: dict | None = None) -> dict[str, torch.Tensor]:
@@ -234,9 +289,14 @@ class GPTQ:
                 w = lin.weight
                 if self.asym:
                     w = asymmetric_target(w, stats.hessian(n), stats.cross_term(n), self.percdamp, self.asym)
-                codes, scale, zero = gptq_quantize(w, stats.hessian(n), ctx.spec.weight, self.percdamp,
-                                                   self.block_size, self.act_order, self.static_groups,
-                                                   (qparams or {}).get(n))
+                h = stats.hessian(n)
+                codes, scale, zero = gptq_quantize(w, h, ctx.spec.weight, self.percdamp, self.block_size,
+                                                   self.act_order, self.static_groups, (qparams or {}).get(n))
+                for r in range(self.refit):  # the last round's codes were chosen on the scales stored
+                    scale = refit_scales(w, h, codes, scale, zero, ctx.spec.weight.group_size, self.percdamp)
+                    if r + 1 < self.refit:
+                        codes, scale, zero = gptq_quantize(w, h, ctx.spec.weight, self.percdamp, self.block_size,
+                                                           self.act_order, self.static_groups, (scale, zero))
                 result.update({f"{n}.codes": codes, f"{n}.scale": scale, f"{n}.zero": zero})
                 act_range = stats.range[n] if static_act else None
                 if static_act:

@@ -6,7 +6,7 @@ import torch
 
 import abqllm
 from abqllm.methods import get_method
-from abqllm.methods.gptq import GPTQ, asymmetric_target, gptq_quantize
+from abqllm.methods.gptq import GPTQ, asymmetric_target, gptq_quantize, refit_scales
 from abqllm.nn import QuantLinear
 from abqllm.quant import primitives as P
 from abqllm.spec import QuantSpec, WeightSpec, parse_scheme
@@ -72,6 +72,8 @@ def test_dead_input_channel(layer_inputs):
     ("W2*A16g32", {"act_order": True, "block_size": 32}),
     ("W3A16g32", {"asym": 1.0}),
     ("W4A8", {"asym": 0.5, "sequential": False}),
+    ("W2*A8g32", {"refit": 2, "asym": 0.25}),
+    ("W4A16", {"refit": 1}),
 ])
 def test_stored_exactly_what_calibrate_decided(scheme, options):
     model, tok = make_tiny_llama()
@@ -134,6 +136,10 @@ def test_options_and_settings():
     assert m.settings() == {"percdamp": 0.05, "block_size": 128, "act_order": True, "static_groups": False,
                             "sequential": True}  # asym left out while off: older artifacts keep their keys
     assert get_method("gptq", asym=0.25).settings()["asym"] == 0.25
+    assert get_method("gptq", refit=2).settings()["refit"] == 2  # refit likewise left out while off
+    for bad in (True, -1, 1.5, 9):
+        with pytest.raises(abqllm.AbqError, match="refit must be a whole number"):
+            get_method("gptq", refit=bad)
     with pytest.raises(abqllm.AbqError, match="asym must be in"):
         get_method("gptq", asym=2.0)
     assert dataclasses.replace(m, block_size=64).block_size == 64
@@ -189,3 +195,48 @@ def test_asym_end_to_end_closer_to_float_than_plain_gptq():
                         progress=False)
         errors[asym] = logits_error(model, ref, ids)
     assert errors[1.0] < errors[0.0], errors
+
+
+@pytest.mark.parametrize("spec", [WeightSpec(4), WeightSpec(3, group_size=16), WeightSpec(2, group_size=20),
+                                  WeightSpec(2, balanced=True), WeightSpec(4, symmetric=True, group_size=16)])
+def test_refit_scales_is_the_least_squares_scale(spec):
+    """For fixed codes the refit scale minimises the layer's output error: it matches a direct least-squares
+    fit (up to the float16 grid) and never does worse than the scale GPTQ started from."""
+    w, _, x = _streams(seed=2)
+    h = 2 * x.T @ x / len(x)
+    codes, scale, zero = gptq_quantize(w, h, spec, act_order=True)
+    new = refit_scales(w, h, codes, scale, zero, spec.group_size, percdamp=0.0)
+    assert new.shape == scale.shape and torch.equal(new, new.half().float())
+    err = lambda s: (x @ (w - P.dequantize_weight(codes, s, zero, spec.group_size)).T).norm().item()  # noqa: E731
+    assert err(new) < err(scale)
+    # the same fit by torch.linalg.lstsq, one row at a time: columns of x times the centred codes of each group
+    d = codes.float() - P.expand_groups(zero, w.shape[1], spec.group_size)
+    groups = P.expand_groups(torch.arange(scale.shape[1]).float()[None], w.shape[1], spec.group_size)[0].long()
+    for r in range(0, w.shape[0], 5):
+        design = torch.stack([x[:, groups == j] @ d[r, groups == j] for j in range(scale.shape[1])], 1)
+        ref = torch.linalg.lstsq(design, x @ w[r]).solution
+        torch.testing.assert_close(new[r], ref, rtol=2e-3, atol=1e-5)
+
+
+def test_refit_scales_keeps_what_it_cannot_improve():
+    w, _, x = _streams(seed=3)
+    h = 2 * x.T @ x / len(x)
+    spec = WeightSpec(2, group_size=16)
+    codes, scale, zero = gptq_quantize(w, h, spec)
+    codes[0, :16] = zero[0, 0].to(torch.uint8)  # row 0, group 0: every code at the zero point
+    new = refit_scales(w, h, codes, scale, zero, spec.group_size)
+    assert new[0, 0] == scale[0, 0]  # that group's scale does not matter: kept
+    assert torch.isfinite(new).all() and (new > 0).all()
+
+
+def test_refit_end_to_end_closer_to_float_than_plain_gptq():
+    fp, tok = make_tiny_llama()
+    ids = torch.randint(0, len(tok), (8, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = fp(ids).logits
+    errors = {}
+    for refit in (0, 1):
+        model, _ = make_tiny_llama()
+        abqllm.quantize(model, "W2A16g32", method="gptq", refit=refit, calib_ids=ids, progress=False)
+        errors[refit] = logits_error(model, ref, ids)
+    assert errors[1] < errors[0], errors

@@ -3,8 +3,8 @@
     OMP_NUM_THREADS=1 python benchmarks/layer_sensitivity_probe.py W4A16 [--windows 4] [--out FILE]
 
 For each kind (q/k/v/o/gate/up/down), every block's linear of that kind is quantized and the rest stay
-float (QuantSpec.skip), then perplexity on the first windows of the default text. All
-blocks are not split (that would be 30 runs per kind). Writes JSON. Not part of the test run.
+float (QuantSpec.skip), then perplexity on the first windows of the default text: one run per kind,
+all blocks together. Writes JSON. Not part of the test run.
 """
 import argparse
 import dataclasses

@@ -45,11 +45,21 @@ from abqllm.quant import primitives as P
 from abqllm.spec import LayerSpec, QuantSpec, WeightSpec
 
 
+def dampening(h: torch.Tensor, percdamp: float) -> torch.Tensor:
+    """GPTQ's damp = percdamp * mean(diag H), added to H's diagonal wherever H is inverted or solved with."""
+    return percdamp * torch.mean(torch.diag(h)).clamp(min=1e-8)
+
+
+def damped(h: torch.Tensor, percdamp: float) -> torch.Tensor:
+    """H + damp I."""
+    return h + dampening(h, percdamp) * torch.eye(h.shape[0], device=h.device, dtype=h.dtype)
+
+
 @torch.no_grad()
 def inverse_hessian_factor(h: torch.Tensor, percdamp: float) -> torch.Tensor:
     """Upper Cholesky factor of (H + damp I)^-1, damp = percdamp * mean(diag H); more damping if needed."""
     k = h.shape[0]
-    damp = percdamp * torch.mean(torch.diag(h)).clamp(min=1e-8)
+    damp = dampening(h, percdamp)
     eye = torch.eye(k, device=h.device, dtype=h.dtype)
     for _ in range(6):
         chol, info = torch.linalg.cholesky_ex(h + damp * eye)
@@ -68,10 +78,8 @@ def asymmetric_target(w: torch.Tensor, h: torch.Tensor, d: torch.Tensor, percdam
     """W + strength * W D (H + damp I)^-1: the weight whose output on the quantized stream's inputs best
     matches the float weight's output on the float stream's inputs (H = 2 X^T X / n, D = 2 (X~ - X)^T X / n).
     """
-    w, h, d = w.detach().float(), h.detach().float(), d.detach().float()
-    k = h.shape[0]
-    damp = percdamp * torch.mean(torch.diag(h)).clamp(min=1e-8)
-    h = h + damp * torch.eye(k, device=h.device, dtype=h.dtype)
+    w, d = w.detach().float(), d.detach().float()
+    h = damped(h.detach().float(), percdamp)
     # (W D) H^-1 = solve(H, (W D)^T)^T, H symmetric positive definite after dampening
     shift = torch.linalg.solve(h, (w @ d).T).T
     return w + strength * shift
@@ -147,12 +155,10 @@ def refit_scales(w: torch.Tensor, h: torch.Tensor, codes: torch.Tensor, scale: t
     solve is not usable (a non-positive or non-finite scale, or a larger error once rounded to the float16
     grid the format stores).
     """
-    w, h = w.detach().float(), h.detach().float()
+    w, h = w.detach().float(), damped(h.detach().float(), percdamp)
     n, k = w.shape
     g = scale.shape[1]
     d = codes.float() - P.expand_groups(zero.float(), k, group_size)  # [N, K] centred codes
-    damp = percdamp * torch.mean(torch.diag(h)).clamp(min=1e-8)
-    h = h + damp * torch.eye(k, device=h.device, dtype=h.dtype)
     groups = torch.zeros(k, dtype=torch.long, device=w.device) if group_size == 0 else \
         torch.arange(k, device=w.device) // group_size
     onehot = torch.nn.functional.one_hot(groups, g).float()  # [K, G]
@@ -286,10 +292,9 @@ class GPTQ:
                 for hd in handles:
                     hd.remove()
             for n, lin in linears.items():
-                w = lin.weight
+                w, h = lin.weight, stats.hessian(n)
                 if self.asym:
-                    w = asymmetric_target(w, stats.hessian(n), stats.cross_term(n), self.percdamp, self.asym)
-                h = stats.hessian(n)
+                    w = asymmetric_target(w, h, stats.cross_term(n), self.percdamp, self.asym)
                 codes, scale, zero = gptq_quantize(w, h, ctx.spec.weight, self.percdamp, self.block_size,
                                                    self.act_order, self.static_groups, (qparams or {}).get(n))
                 for r in range(self.refit):  # the last round's codes were chosen on the scales stored

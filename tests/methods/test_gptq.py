@@ -183,18 +183,18 @@ def test_gptq_on_the_asymmetric_target_matches_the_float_stream_better(spec):
     assert errors["asym"] < 0.9 * errors["plain"], errors
 
 
-def test_asym_end_to_end_closer_to_float_than_plain_gptq():
+@pytest.mark.parametrize("option,off,on", [("asym", 0.0, 1.0), ("refit", 0, 1)])
+def test_option_end_to_end_closer_to_float_than_plain_gptq(option, off, on):
     fp, tok = make_tiny_llama()
     ids = torch.randint(0, len(tok), (8, 32), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ref = fp(ids).logits
     errors = {}
-    for asym in (0.0, 1.0):
+    for value in (off, on):
         model, _ = make_tiny_llama()
-        abqllm.quantize(model, "W2A16g32", method="gptq", asym=asym, calib_ids=ids,
-                        progress=False)
-        errors[asym] = logits_error(model, ref, ids)
-    assert errors[1.0] < errors[0.0], errors
+        abqllm.quantize(model, "W2A16g32", method="gptq", calib_ids=ids, progress=False, **{option: value})
+        errors[value] = logits_error(model, ref, ids)
+    assert errors[on] < errors[off], errors
 
 
 @pytest.mark.parametrize("spec", [WeightSpec(4), WeightSpec(3, group_size=16), WeightSpec(2, group_size=20),
@@ -227,16 +227,3 @@ def test_refit_scales_keeps_what_it_cannot_improve():
     new = refit_scales(w, h, codes, scale, zero, spec.group_size)
     assert new[0, 0] == scale[0, 0]  # that group's scale does not matter: kept
     assert torch.isfinite(new).all() and (new > 0).all()
-
-
-def test_refit_end_to_end_closer_to_float_than_plain_gptq():
-    fp, tok = make_tiny_llama()
-    ids = torch.randint(0, len(tok), (8, 32), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        ref = fp(ids).logits
-    errors = {}
-    for refit in (0, 1):
-        model, _ = make_tiny_llama()
-        abqllm.quantize(model, "W2A16g32", method="gptq", refit=refit, calib_ids=ids, progress=False)
-        errors[refit] = logits_error(model, ref, ids)
-    assert errors[1] < errors[0], errors

@@ -8,6 +8,9 @@ never synchronize with the host). Ops:
 - abqllm::triton_qlinear(x [..., K], qweight, scales, zeros, bias?, act_scale?, act_zero?, in_features,
   storage_bits, group_size, act_bits, act_symmetric) -> y [..., N] in x's dtype
 - abqllm::bmma_qlinear(same arguments) -> y: the CUDA bit-plane (mma.sync b1 AND+popc) kernel.
+- abqllm::kp_gemv(x, qweight_t, scales_t, zeros_t, bias?, act_scale?, act_zero?, in_features, bits, group_size,
+  act_bits, act_symmetric) -> y: the decode GEMV on the k-packed layout (kernels/kpacked.py). Its split-K
+  workspace is left zero after each launch, so the op is a pure function of its inputs.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from abqllm.kernels import triton_linear
+from abqllm.kernels import kpacked_linear, triton_linear
 
 
 @torch.library.custom_op("abqllm::act_quant", mutates_args=())
@@ -60,3 +63,17 @@ def bmma_qlinear(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, bias
 def _(x, qweight, scales, zeros, bias, act_scale, act_zero, in_features, storage_bits, group_size, act_bits,
       act_symmetric):
     return x.new_empty(*x.shape[:-1], qweight.shape[0])
+
+
+@torch.library.custom_op("abqllm::kp_gemv", mutates_args=())
+def kp_gemv(x: Tensor, qweight_t: Tensor, scales_t: Tensor, zeros_t: Tensor, bias: Optional[Tensor],
+            act_scale: Optional[Tensor], act_zero: Optional[Tensor], in_features: int, bits: int, group_size: int,
+            act_bits: int, act_symmetric: bool) -> Tensor:
+    return kpacked_linear.kp_gemv(x, qweight_t, scales_t, zeros_t, bias, act_scale, act_zero, in_features, bits,
+                                  group_size, act_bits, act_symmetric)
+
+
+@kp_gemv.register_fake
+def _(x, qweight_t, scales_t, zeros_t, bias, act_scale, act_zero, in_features, bits, group_size, act_bits,
+      act_symmetric):
+    return x.new_empty(*x.shape[:-1], qweight_t.shape[1])

@@ -40,6 +40,7 @@ class QuantLinear(nn.Module):
             self.register_buffer("act_scale", torch.ones(1))
             self.register_buffer("act_zero", torch.zeros(1))
         self._dequant_cache: tuple[tuple, torch.Tensor] | None = None
+        self._kernel_cache: dict = {}  # kernel-specific layouts of the weights (kernels/kpacked_linear.py)
 
     @classmethod
     def from_float(cls, linear: nn.Linear, spec: LayerSpec, scale: torch.Tensor | None = None,
@@ -82,7 +83,8 @@ class QuantLinear(nn.Module):
         return cache[1]
 
     def _apply(self, fn, recurse=True):
-        self._dequant_cache = None  # moved or cast: the cache would point at the old device/dtype
+        self._dequant_cache = None  # moved or cast: the caches would point at the old device/dtype
+        self._kernel_cache = {}
         return super()._apply(fn, recurse)
 
     def act_qparams(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

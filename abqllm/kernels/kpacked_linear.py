@@ -1,0 +1,213 @@
+"""The decode GEMV on the k-packed layout: launcher, tile heuristics and the per-layer layout cache.
+
+`kp_gemv` computes y = Q_a(x) @ W^T + bias for a few rows x [M, K] (every storage width 1..8, A16 in
+fp16/bf16/fp32 or A2..A8, per-channel or any group size) with triton_kpacked.kp_gemv_kernel. The 'triton'
+linear kernel takes it on CUDA for M <= KP_MAX_M (each row streams the weights once more, so it pays only for
+decode); linear kernel 'triton-gemv' takes it for any M (tests, benchmarks). Device: CUDA, or the CPU inside
+Triton's interpreter.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+
+from abqllm.kernels import kpacked as KP
+from abqllm.kernels.registry import register
+
+KP_MAX_M = 1  # rows up to which the 'triton' kernel takes the GEMV on CUDA (set from GPU timings)
+PROGRAMS_PER_SM = 4  # automatic split-K: enough programs for this many per SM
+
+
+@dataclass(frozen=True)
+class KpConfig:
+    """bn output columns x bw word rows per tile; split_k 0 = automatic."""
+    bn: int = 128
+    bw: int = 32
+    split_k: int = 0
+    num_warps: int = 4
+    num_stages: int = 1
+
+
+def default_kp_config(bits: int, group_size: int, k: int) -> KpConfig:
+    """From the sm_90 SASS of the loop (no GPU yet): one warp per program, each thread owning 8 columns (two
+    16-byte loads per word row) and all BW word rows of them, so the row sums stay in registers and each
+    activation load feeds 8 columns. BW divides the words of a group where it can (one zero/scale per tile)."""
+    wpg = KP.words_per_segment(k, group_size, bits)
+    bw = 8
+    if group_size and wpg & (wpg - 1) == 0:
+        bw = max(1, min(8, wpg))
+    return KpConfig(bn=256, bw=bw, num_warps=1)
+
+
+def high_shift(bits: int) -> int:
+    """Codes whose bit field ends above bit 23 (the float mantissa) are read from word >> HIGH_SHIFT: the start of
+    the first such code. After that shift every such field ends at bit 16 or lower (checked in the tests)."""
+    per = KP.codes_per_word(bits)
+    firsts = [j * bits for j in range(per) if j * bits + bits > 23]
+    return firsts[0] if firsts else 0
+
+
+def kp_plan(m: int, n: int, nw: int, cfg: KpConfig, sms: int) -> tuple[int, int, int]:
+    """(grid_n, split, blocks_per_split): splits are runs of whole BW-word blocks, none empty."""
+    grid_n = -(-n // cfg.bn)
+    blocks = -(-nw // cfg.bw)
+    split = cfg.split_k or max(1, PROGRAMS_PER_SM * sms // max(1, grid_n * m))
+    per = -(-blocks // max(1, min(split, blocks)))
+    return grid_n, -(-blocks // per), per
+
+
+_WORKSPACE: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def workspace(device: torch.device, floats: int, counters: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zeroed float32 partial sums and int32 counters for split-K. The kernel leaves both zero again, so they
+    are allocated once per device (and grown) and shared by every launch on that device's stream."""
+    ws, cnt = _WORKSPACE.get(device, (None, None))
+    if ws is None or ws.numel() < floats or cnt.numel() < counters:
+        floats = max(floats, 0 if ws is None else ws.numel())
+        counters = max(counters, 0 if cnt is None else cnt.numel())
+        ws = torch.zeros(floats, dtype=torch.float32, device=device)
+        cnt = torch.zeros(counters, dtype=torch.int32, device=device)
+        _WORKSPACE[device] = ws, cnt
+    return ws, cnt
+
+
+@functools.cache
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _kernel():
+    from abqllm.kernels import triton_kpacked  # imports triton
+    return triton_kpacked.kp_gemv_kernel
+
+
+def kp_gemv(x: torch.Tensor, qweight_t: torch.Tensor, scales_t: torch.Tensor, zeros_t: torch.Tensor,
+            bias: torch.Tensor | None, act_scale: torch.Tensor | None, act_zero: torch.Tensor | None,
+            in_features: int, bits: int, group_size: int, act_bits: int, act_symmetric: bool,
+            config: KpConfig | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """y [..., N] in x's dtype. The reference is kernels/reference.py (same arithmetic, float64)."""
+    from abqllm.kernels.triton_linear import act_center_exact, act_quant, interpreting
+
+    if not 1 <= bits <= 8 or not (act_bits == 16 or 2 <= act_bits <= 8):
+        raise ValueError(f"kp_gemv supports storage bits 1..8 and A2..A8 or A16, got {bits} bits, A{act_bits}")
+    shape, k, n = x.shape, in_features, qweight_t.shape[1]
+    if shape[-1] != k:
+        raise ValueError(f"x has {shape[-1]} features, layer expects {k}")
+    wpg, nw = KP.words_per_segment(k, group_size, bits), qweight_t.shape[0]
+    if nw != -(-k // KP.segment_length(k, group_size)) * wpg:
+        raise ValueError(f"qweight_t has {nw} word rows; {k} features at {bits} bits, group {group_size} need "
+                         f"{-(-k // KP.segment_length(k, group_size)) * wpg}")
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    if out is not None and (out.dtype != x.dtype or not out.is_contiguous() or out.numel() != m * n):
+        raise ValueError("out must be a contiguous tensor of x's dtype with [..., N] elements")
+    y = out.view(m, n) if out is not None else torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if m == 0:
+        return y.reshape(*shape[:-1], n)
+    int_path = act_bits != 16
+    if int_path:
+        a_in, sx, ax = act_quant(x2, act_bits, act_symmetric, act_scale, act_zero)
+    else:
+        a_in, sx, ax = x2, scales_t, scales_t  # unused on the float path
+    cfg = config or default_kp_config(bits, group_size, k)
+    sms = 4 if interpreting() else _num_sms(x.device.index or 0)
+    grid_n, split, per = kp_plan(m, n, nw, cfg, sms)
+    ws, cnt = workspace(x.device, m * n, m * grid_n) if split > 1 else (scales_t, scales_t)
+    const = kp_constexprs(bits, group_size, k, n, act_bits, act_symmetric, bias is not None, split, cfg)
+    _kernel()[(grid_n, m, split)](
+        a_in, sx, ax, qweight_t, scales_t, zeros_t, bias if bias is not None else scales_t, y, ws, cnt,
+        n // 16 if const["N_ALIGNED"] else n, k, KP.segment_length(k, group_size), nw, a_in.stride(0), y.stride(0),
+        split, per, **const, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return y.reshape(*shape[:-1], n)
+
+
+def layer_kpacked(layer) -> KP.KPacked:
+    """The layer's weights in the k-packed layout, built on first use and cached on the layer until its packed
+    buffers change (reassigned or written in place) or it moves. The cache holds a second copy of the weights
+    beside the checkpoint's bitstream buffer."""
+    version = tuple((id(t), t._version) for t in (layer.qweight, layer.scales, layer.zeros))
+    cached = layer._kernel_cache.get("kpacked")
+    if cached is None or cached[0] != version:
+        w = layer.spec.weight
+        cached = (version, KP.from_bitstream(layer.qweight, layer.scales, layer.zeros, layer.in_features,
+                                             w.storage_bits, w.group_size))
+        layer._kernel_cache["kpacked"] = cached
+    return cached[1]
+
+
+def layer_kp_args(layer) -> dict:
+    kp, spec = layer_kpacked(layer), layer.spec
+    return dict(qweight_t=kp.qweight_t, scales_t=kp.scales_t, zeros_t=kp.zeros_t, bias=layer.bias,
+                act_scale=getattr(layer, "act_scale", None), act_zero=getattr(layer, "act_zero", None),
+                in_features=layer.in_features, bits=spec.weight.storage_bits, group_size=spec.weight.group_size,
+                act_bits=spec.act.bits, act_symmetric=spec.act.symmetric)
+
+
+def use_gemv(m: int, device: torch.device) -> bool:
+    """Whether the 'triton' kernel takes the GEMV for an M-row input (CUDA decode)."""
+    return device.type == "cuda" and 0 < m <= KP_MAX_M
+
+
+def _supports(layer, device: torch.device) -> bool:
+    from abqllm.kernels.triton_linear import supports
+    return supports(layer, device)
+
+
+@register("linear", "triton-gemv", priority=10, supports=_supports)
+def linear_triton_gemv(layer, x: torch.Tensor) -> torch.Tensor:
+    """The k-packed GEMV for every M (the 'triton' kernel takes it by itself for decode on CUDA)."""
+    from abqllm.kernels import custom_ops
+    return custom_ops.kp_gemv(x, **layer_kp_args(layer))
+
+
+def kp_constexprs(bits: int, group_size: int, k: int, n: int, act_bits: int, act_symmetric: bool, has_bias: bool,
+                  split: int, cfg: KpConfig) -> dict:
+    """The compile-time parameters of kp_gemv_kernel for one launch (shared by kp_gemv and aot_compile_kp)."""
+    from abqllm.kernels.triton_linear import act_center_exact
+    int_path = act_bits != 16
+    per, seg = KP.codes_per_word(bits), KP.segment_length(k, group_size)
+    wpg = KP.words_per_segment(k, group_size, bits)
+    nw = -(-k // seg) * wpg
+    return dict(BITS=bits, PER=per, WPG=wpg if group_size else 0, GROUPED=group_size > 0,
+                BLOCK_IN_SEG=group_size > 0 and wpg % cfg.bw == 0,
+                EVEN_K=seg % per == 0 and k % seg == 0 and nw % cfg.bw == 0, EVEN_N=n % cfg.bn == 0,
+                HIGH_SHIFT=high_shift(bits), INT_PATH=int_path,
+                A_OFFSET=int_path and not act_center_exact(act_bits, act_symmetric), HAS_BIAS=has_bias,
+                ATOMIC=split > 1, BN=cfg.bn, BW=cfg.bw, N_ALIGNED=n % 16 == 0)
+
+
+def aot_compile_kp(m: int, n: int, k: int, bits: int, group_size: int, act_bits: int, act_symmetric: bool = False,
+                   has_bias: bool = False, x_dtype: torch.dtype = torch.float16, config: KpConfig | None = None,
+                   sms: int = 132, arch: int = 90):
+    """Compile the kp_gemv_kernel launch that kp_gemv would make, for sm_<arch>, without a GPU (Triton ships
+    ptxas). Returns triton's CompiledKernel (.asm: ttgir, ptx, cubin; .n_regs, .n_spills)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from abqllm.kernels.triton_linear import _TRITON_TYPE
+
+    cfg = config or default_kp_config(bits, group_size, k)
+    nw = -(-k // KP.segment_length(k, group_size)) * KP.words_per_segment(k, group_size, bits)
+    _, split, _ = kp_plan(m, n, nw, cfg, sms)
+    const = kp_constexprs(bits, group_size, k, n, act_bits, act_symmetric, has_bias, split, cfg)
+    int_path = act_bits != 16
+    xt = _TRITON_TYPE[x_dtype]
+    ptr = dict(x_ptr="*i8" if int_path else f"*{xt}", sx_ptr="*fp32" if int_path else "*fp16",
+               ax_ptr="*i32" if int_path else "*fp16", qw_ptr="*i32", sw_ptr="*fp16", zw_ptr="*u8",
+               bias_ptr=f"*{xt}" if has_bias else "*fp16", y_ptr=f"*{xt}", ws_ptr="*fp32" if split > 1 else "*fp16",
+               cnt_ptr="*i32" if split > 1 else "*fp16")
+    fn = _kernel()
+    sig = {**ptr, **{a: "i32" for a in ("N", "K", "SEG", "NW", "stride_xm", "stride_ym", "SPLIT", "BLOCKS_PER_SPLIT")},
+           **{c: "constexpr" for c in const}}
+    names = fn.arg_names
+    attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in ptr}
+    src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(c),): v for c, v in const.items()}, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                          options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))

@@ -1,0 +1,248 @@
+"""The k-packed decode GEMV on a GPU in one call: correctness, M = 1 timings against torch fp16, GemLite (if carried)
+and the older qlinear_kernel path, a tile sweep, small-M crossover, large-M baselines, end-to-end decode at batch 1.
+
+    python benchmarks/gpu/kp_check.py --out DIR [--budget-s 420]
+Writes DIR/kp.json after every section (a run cut short keeps what it measured) and prints a table last.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from abqllm.kernels import kpacked_linear as KL  # noqa: E402
+from abqllm.kernels import triton_linear as TL  # noqa: E402
+from abqllm.kernels.reference import linear_reference  # noqa: E402
+from abqllm.spec import parse_scheme  # noqa: E402
+from benchmarks import gpu_suite as GS  # noqa: E402
+from benchmarks.gpu import llama, peers  # noqa: E402
+
+WIDTHS = ["W1", "W2", "W2*", "W3", "W4", "W5", "W6", "W7", "W8"]
+SHAPES = [(8192, 8192), (4096, 4096), (11008, 4096), (4096, 11008)]
+SWEEP_SCHEMES = ["W4A16", "W2A16", "W8A8", "W2A8", "W3A8"]
+SWEEP = [dict(bn=256, bw=8, num_warps=1), dict(bn=256, bw=4, num_warps=1), dict(bn=128, bw=8, num_warps=1),
+         dict(bn=512, bw=4, num_warps=2), dict(bn=512, bw=8, num_warps=2), dict(bn=256, bw=8, num_warps=1, split_k=1),
+         dict(bn=256, bw=8, num_warps=1, split_k=2), dict(bn=256, bw=8, num_warps=1, split_k=16),
+         dict(bn=128, bw=16, num_warps=1), dict(bn=1024, bw=4, num_warps=4)]
+T0 = time.time()
+
+
+def log(msg):
+    print(f"[{time.time() - T0:6.1f}s] {msg}", flush=True)
+
+
+def layer(scheme, n, k, dev, seed=0, gs=128):
+    qs = parse_scheme(scheme + (f"g{gs}" if gs else ""))
+    return llama.random_quant_linear(k, n, qs.layer, dev, seed=seed)
+
+
+def kp_call(L, x, cfg=None):
+    return KL.kp_gemv(x, **KL.layer_kp_args(L), config=cfg)
+
+
+def _warm(items):
+    dev = torch.device("cuda")
+    errs = []
+    for scheme, n, k, cfg, gs, m in items:
+        try:
+            L = layer(scheme, n, k, dev, gs=gs)
+            kp_call(L, torch.randn(m, k, device=dev, dtype=torch.float16), cfg)
+        except Exception as e:  # noqa: BLE001
+            errs.append(f"{scheme} {cfg}: {type(e).__name__}: {e}"[-300:])
+    torch.cuda.synchronize()
+    return errs
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--budget-s", type=float, default=420)
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    targs = argparse.Namespace(calls=20, replays=7)
+    dev = torch.device("cuda")
+    res = dict(gpu=torch.cuda.get_device_name(0), date=time.strftime("%Y-%m-%d %H:%M:%S %Z"), torch=torch.__version__,
+               sms=torch.cuda.get_device_properties(0).multi_processor_count)
+    try:
+        import triton
+        res["triton"] = triton.__version__
+    except ImportError:
+        pass
+    res["peer"] = peers.available()
+    save = lambda: (out / "kp.json").write_text(json.dumps(res, indent=1, default=str))  # noqa: E731
+    left = lambda: args.budget_s - (time.time() - T0)  # noqa: E731
+
+    # ---- compile every variant in parallel worker processes (fills Triton's disk cache)
+    schemes = [w + a for w in WIDTHS for a in ("A16", "A8", "A4")]
+    items = [(s, n, k, None, 128, 1) for s in schemes for (n, k) in SHAPES]
+    items += [(s, 200, k, None, gs, 1) for s in schemes for gs, k in ((0, 576), (64, 1000))]
+    items += [(s, 8192, 8192, KL.KpConfig(**c), 128, 1) for s in SWEEP_SCHEMES for c in SWEEP]
+    items += [(s, 4096, 4096, None, 128, m) for s in ("W4A16", "W2A8") for m in (2, 4, 8)]
+    chunks = [items[i::14] for i in range(14)]
+    with mp.get_context("spawn").Pool(14) as pool:
+        try:
+            res["warm_errors"] = [e for es in pool.map_async(_warm, chunks).get(timeout=150) for e in es]
+        except mp.TimeoutError:
+            res["warm_errors"] = ["warm-up timed out"]
+    log(f"warm-up: {len(items)} launches, errors: {res['warm_errors'][:3]}")
+
+    # ---- ceilings
+    res["ceilings"] = GS.section_ceilings(dev, targs)
+    log(f"ceilings: {res['ceilings']}")
+
+    # ---- correctness vs the float64 reference, outputs poisoned with NaN, workspace zero afterwards
+    rows = []
+    for scheme in schemes:
+        for gs, k, m in ((128, 4096, 1), (0, 576, 1), (64, 1000, 3)):
+            qs = parse_scheme(scheme + (f"g{gs}" if gs else ""))
+            L = llama.random_quant_linear(k, 200, qs.layer, "cpu", seed=k)
+            L.bias = torch.randn(200).half()
+            for dt in (torch.float16, torch.bfloat16):
+                x = (torch.randn(m, k) * 2 + 0.3).to(dt)
+                ref = linear_reference(L, x.double())
+                Lg = GS._to(L, dev)
+                o = torch.full((m, 200), float("nan"), dtype=dt, device=dev)
+                try:
+                    KL.kp_gemv(x.to(dev), **KL.layer_kp_args(Lg), out=o)
+                    rows.append(dict(scheme=scheme, gs=gs, k=k, m=m, dtype=str(dt), **GS._check(o, ref, dt)))
+                except Exception as e:  # noqa: BLE001
+                    rows.append(dict(scheme=scheme, gs=gs, k=k, m=m, ok=False, error=f"{type(e).__name__}: {e}"[-300:]))
+    ws = KL._WORKSPACE.get(dev) or KL._WORKSPACE.get(torch.device("cuda", 0))
+    res["workspace_zero_after"] = None if ws is None else bool((ws[0] == 0).all() and (ws[1] == 0).all())
+    res["correctness"] = rows
+    log(f"correctness: {sum(r['ok'] for r in rows)}/{len(rows)}; workspace zero: {res['workspace_zero_after']}; "
+        f"failures: {[r for r in rows if not r['ok']][:3]}")
+    save()
+
+    def timed(fns):
+        return GS.time_fn(fns, targs, True)["s"] * 1e6
+
+    def weight_bytes(qs, n, k, gs=128):
+        return n * k * qs.weight.storage_bits / 8 + n * (k // (gs or k)) * 3
+
+    # ---- M = 1 timings
+    res["timings"] = []
+    for si, (n, k) in enumerate(SHAPES):
+        c = GS.copies_needed(n * k * 2, True)
+        ws_ = [torch.randn(n, k, device=dev, dtype=torch.float16) for _ in range(c)]
+        xs = [torch.randn(1, k, device=dev, dtype=torch.float16) for _ in range(c)]
+        fp16 = timed([lambda w=w, x=x: F.linear(x, w) for w, x in zip(ws_, xs)])
+        del ws_
+        res["timings"].append(dict(kernel="torch fp16", n=n, k=k, us=fp16, gbps=n * k * 2 / fp16 / 1e3))
+        for scheme in ([w + a for w in WIDTHS for a in ("A16", "A8")] + (["W4A4", "W2A4"] if si == 0 else [])):
+            if left() < 150:
+                break
+            qs = parse_scheme(scheme + "g128")
+            c = GS.copies_needed(n * k * qs.weight.storage_bits // 8, True)
+            Ls = [layer(scheme, n, k, dev, seed=i) for i in range(c)]
+            xs = [torch.randn(1, k, device=dev, dtype=torch.float16) for _ in range(c)]
+            for L in Ls:
+                KL.layer_kpacked(L)
+            kinds = [("kp_gemv", lambda L, x: kp_call(L, x))]
+            if si == 0 and scheme in ("W4A16", "W2A16", "W8A8", "W2A8"):
+                kinds.append(("old qlinear_kernel", lambda L, x: TL.qlinear(x, **TL.layer_args(L))))
+            for name, f in kinds:
+                try:
+                    us = timed([lambda L=L, x=x, f=f: f(L, x) for L, x in zip(Ls, xs)])
+                    res["timings"].append(dict(kernel=name, scheme=scheme, n=n, k=k, us=us, vs_fp16=fp16 / us,
+                                               gbps=weight_bytes(qs, n, k) / us / 1e3))
+                except Exception as e:  # noqa: BLE001
+                    res["timings"].append(dict(kernel=name, scheme=scheme, n=n, k=k, error=str(e)[-300:]))
+            if qs.weight.balanced is False and si < 2:
+                pr = peers.time_peer(scheme, qs.weight.bits, False, qs.act.bits, 128, 1, n, k, c, dev,
+                                     lambda fns: GS.time_fn(fns, targs, True))
+                if pr and "s" in pr:
+                    res["timings"].append(dict(kernel=pr["kernel"], scheme=scheme, n=n, k=k, us=pr["s"] * 1e6,
+                                               vs_fp16=fp16 / (pr["s"] * 1e6)))
+            del Ls
+        log(f"timings {n}x{k} done")
+        save()
+
+    # ---- tile sweep at N = K = 8192
+    res["sweep"] = []
+    n = k = 8192
+    for scheme in SWEEP_SCHEMES:
+        qs = parse_scheme(scheme + "g128")
+        c = GS.copies_needed(n * k * qs.weight.storage_bits // 8, True)
+        Ls = [layer(scheme, n, k, dev, seed=i) for i in range(c)]
+        xs = [torch.randn(1, k, device=dev, dtype=torch.float16) for _ in range(c)]
+        for cd in SWEEP:
+            if left() < 110:
+                break
+            cfg = KL.KpConfig(**cd)
+            try:
+                us = timed([lambda L=L, x=x: kp_call(L, x, cfg) for L, x in zip(Ls, xs)])
+                res["sweep"].append(dict(scheme=scheme, config=asdict(cfg), us=us))
+            except Exception as e:  # noqa: BLE001
+                res["sweep"].append(dict(scheme=scheme, config=asdict(cfg), error=str(e)[-200:]))
+        del Ls
+    log("sweep done")
+    save()
+
+    # ---- small M: where the GEMV stops paying (each row streams the weights again) vs qlinear_kernel's dot path
+    res["small_m"] = []
+    n = k = 4096
+    for scheme in ("W4A16", "W2A8"):
+        qs = parse_scheme(scheme + "g128")
+        c = GS.copies_needed(n * k * qs.weight.storage_bits // 8, True)
+        Ls = [layer(scheme, n, k, dev, seed=i) for i in range(c)]
+        for m in (1, 2, 4, 8):
+            if left() < 90:
+                break
+            xs = [torch.randn(m, k, device=dev, dtype=torch.float16) for _ in range(c)]
+            r = dict(scheme=scheme, m=m)
+            r["kp_us"] = timed([lambda L=L, x=x: kp_call(L, x) for L, x in zip(Ls, xs)])
+            r["qlinear_us"] = timed([lambda L=L, x=x: TL.qlinear(x, **TL.layer_args(L)) for L, x in zip(Ls, xs)])
+            res["small_m"].append(r)
+        del Ls
+    log(f"small M: {res['small_m']}")
+    save()
+
+    # ---- end to end, batch 1 (decode steps take the k-packed GEMV through the 'triton' kernel)
+    res["e2e"] = []
+    shape = llama.Shape(max_seq=128 + 256)
+    for variant in ["fp16", "W4A16", "W2A8", "W8A8", "W4A8", "W3A8", "W2*A8", "W2A16"]:
+        if left() < 25:
+            break
+        spec = None if variant == "fp16" else parse_scheme(variant + "g128").layer
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        try:
+            model = llama.Llama(shape, spec, 1, dev)
+            r = llama.generate_timed(model, 1, 128, 256, use_graph=True)
+            kp_bytes = sum(m._kernel_cache["kpacked"][1].nbytes() for m in model.modules()
+                           if getattr(m, "_kernel_cache", {}).get("kpacked"))
+            res["e2e"].append(dict(variant=variant, **r, peak_bytes=torch.cuda.max_memory_allocated(),
+                                   weight_bytes=llama.weight_bytes(model), kv_bytes=llama.kv_bytes(model),
+                                   kpacked_bytes=kp_bytes))
+        except Exception as e:  # noqa: BLE001
+            res["e2e"].append(dict(variant=variant, error=f"{type(e).__name__}: {e}"[-300:]))
+        model = None
+        log(f"e2e {variant}: {res['e2e'][-1].get('tokens_per_s', res['e2e'][-1].get('error'))}")
+        save()
+
+    for t in res["timings"]:
+        if "us" in t:
+            print(f"{t['kernel']:20s} {t.get('scheme', ''):7s} {t['n']}x{t['k']}: {t['us']:7.1f} us"
+                  + (f"  {t['vs_fp16']:.2f}x fp16" if "vs_fp16" in t else "") + f"  {t.get('gbps', 0):.0f} GB/s")
+    best = {}
+    for s in res["sweep"]:
+        if "us" in s and (s["scheme"] not in best or s["us"] < best[s["scheme"]]["us"]):
+            best[s["scheme"]] = s
+    for key, s in best.items():
+        print("best", key, s["config"], f"{s['us']:.1f} us")
+    for e in res["e2e"]:
+        print("e2e", e)
+
+
+if __name__ == "__main__":
+    main()

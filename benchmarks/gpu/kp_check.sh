@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The k-packed decode GEMV on a GPU in one call of about 8 minutes (benchmarks/gpu/kp_check.py: correctness, M = 1
+# timings against torch fp16, GemLite and the older qlinear_kernel, a tile sweep, small-M crossover, end-to-end
+# decode at batch 1), then the k-packed GPU tests. Name .whl in carry for GemLite (benchmarks/gpu/fetch_peer_wheels.sh).
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+OUT="${OUT:-$PWD/out/kp}"; mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD" TRITON_CACHE_DIR=/tmp/tc; unset TRITON_INTERPRET
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
+nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,power.draw,temperature.gpu --format=csv > "$OUT/env.txt" 2>&1
+timeout -k 5 "${KP_BUDGET:-430}" python3 benchmarks/gpu/kp_check.py --out "$OUT" --budget-s "$(( ${KP_BUDGET:-430} - 10 ))" 2>&1 | tee "$OUT/kp.log"
+timeout -k 5 60 python3 -m pytest -q -p no:cacheprovider -m gpu -n 4 tests/kernels/test_kpacked.py > "$OUT/pytest.txt" 2>&1
+echo "pytest exit $?: $(tail -1 "$OUT/pytest.txt")"; grep -E "^FAILED" "$OUT/pytest.txt" | head

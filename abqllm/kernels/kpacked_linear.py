@@ -17,29 +17,33 @@ import torch
 from abqllm.kernels import kpacked as KP
 from abqllm.kernels.registry import register
 
-KP_MAX_M = 1  # rows up to which the 'triton' kernel takes the GEMV on CUDA (set from GPU timings)
-PROGRAMS_PER_SM = 4  # automatic split-K: enough programs for this many per SM
+# Rows up to which the 'triton' kernel takes the GEMV on CUDA: at M = 2 it already lost to qlinear_kernel's dot
+# path on the H200 (benchmarks/results/gpu_h200_2026-11-28_kp: W4A16 4096^2, 36.0 vs 20.8 us).
+KP_MAX_M = 1
 
 
 @dataclass(frozen=True)
 class KpConfig:
-    """bn output columns x bw word rows per tile; split_k 0 = automatic."""
-    bn: int = 128
-    bw: int = 32
+    """bn output columns x bw word rows per tile; split_k 0 = automatic: enough programs for `warps_per_sm`
+    resident warps per SM (the GEMV is latency-bound: what matters is loads in flight)."""
+    bn: int = 1024
+    bw: int = 4
     split_k: int = 0
     num_warps: int = 4
     num_stages: int = 1
+    warps_per_sm: int = 32
 
 
-def default_kp_config(bits: int, group_size: int, k: int) -> KpConfig:
-    """From the sm_90 SASS of the loop (no GPU yet): one warp per program, each thread owning 8 columns (two
-    16-byte loads per word row) and all BW word rows of them, so the row sums stay in registers and each
-    activation load feeds 8 columns. BW divides the words of a group where it can (one zero/scale per tile)."""
+def default_kp_config(bits: int, group_size: int, k: int, n: int = 8192) -> KpConfig:
+    """From the first H200 run (benchmarks/results/gpu_h200_2026-11-28_kp, tile sweep at 8192^2): 4-warp programs
+    of 1024 columns x 4 word rows beat every 1-warp tile (W4A16 25.6 us against 35-67 us; W2A16 21.6 against
+    23.6-42). Each thread owns 8 columns and all BW rows of them (row sums in registers). BW divides the words of
+    a group (one zero/scale per tile): the per-row zero/scale path cost 16 shuffles and barriers per iteration
+    in the sm_90 SASS of multi-warp tiles."""
     wpg = KP.words_per_segment(k, group_size, bits)
-    bw = 8
-    if group_size and wpg & (wpg - 1) == 0:
-        bw = max(1, min(8, wpg))
-    return KpConfig(bn=256, bw=bw, num_warps=1)
+    bw = 4 if not group_size else next(b for b in (4, 2, 1) if wpg % b == 0)
+    bn = max(256, min(1024, 1 << max(0, (n - 1).bit_length())))
+    return KpConfig(bn=bn, bw=bw, num_warps=bn // 256)
 
 
 def high_shift(bits: int) -> int:
@@ -54,7 +58,7 @@ def kp_plan(m: int, n: int, nw: int, cfg: KpConfig, sms: int) -> tuple[int, int,
     """(grid_n, split, blocks_per_split): splits are runs of whole BW-word blocks, none empty."""
     grid_n = -(-n // cfg.bn)
     blocks = -(-nw // cfg.bw)
-    split = cfg.split_k or max(1, PROGRAMS_PER_SM * sms // max(1, grid_n * m))
+    split = cfg.split_k or max(1, cfg.warps_per_sm * sms // max(1, grid_n * m * cfg.num_warps))
     per = -(-blocks // max(1, min(split, blocks)))
     return grid_n, -(-blocks // per), per
 
@@ -115,7 +119,7 @@ def kp_gemv(x: torch.Tensor, qweight_t: torch.Tensor, scales_t: torch.Tensor, ze
         a_in, sx, ax = act_quant(x2, act_bits, act_symmetric, act_scale, act_zero)
     else:
         a_in, sx, ax = x2, scales_t, scales_t  # unused on the float path
-    cfg = config or default_kp_config(bits, group_size, k)
+    cfg = config or default_kp_config(bits, group_size, k, n)
     sms = 4 if interpreting() else _num_sms(x.device.index or 0)
     grid_n, split, per = kp_plan(m, n, nw, cfg, sms)
     ws, cnt = workspace(x.device, m * n, m * grid_n) if split > 1 else (scales_t, scales_t)
@@ -193,7 +197,7 @@ def aot_compile_kp(m: int, n: int, k: int, bits: int, group_size: int, act_bits:
 
     from abqllm.kernels.triton_linear import _TRITON_TYPE
 
-    cfg = config or default_kp_config(bits, group_size, k)
+    cfg = config or default_kp_config(bits, group_size, k, n)
     nw = -(-k // KP.segment_length(k, group_size)) * KP.words_per_segment(k, group_size, bits)
     _, split, _ = kp_plan(m, n, nw, cfg, sms)
     const = kp_constexprs(bits, group_size, k, n, act_bits, act_symmetric, has_bias, split, cfg)

@@ -28,7 +28,7 @@ from benchmarks.gpu import llama, peers  # noqa: E402
 WIDTHS = ["W1", "W2", "W2*", "W3", "W4", "W5", "W6", "W7", "W8"]
 SHAPES = [(8192, 8192), (4096, 4096), (11008, 4096), (4096, 11008)]
 SWEEP_SCHEMES = ["W4A16", "W2A16", "W8A8", "W2A8", "W3A8"]
-# Run 1 (2026-11-28 16:00 UTC) swept 1-warp tiles, 2 and 4 warps: 1024 x 4, 4 warps won everywhere but W3.
+# Run 1 (2026-11-28 14:30 UTC) swept 1-warp tiles, 2 and 4 warps: 1024 x 4, 4 warps won everywhere but W3.
 # Run 2 sweeps around it: resident warps per SM (split-K), 8 warps, taller and shorter tiles.
 SWEEP = [dict(bn=1024, bw=4, num_warps=4, warps_per_sm=16), dict(bn=1024, bw=4, num_warps=4, warps_per_sm=32),
          dict(bn=1024, bw=4, num_warps=4, warps_per_sm=64), dict(bn=2048, bw=4, num_warps=8),

@@ -11,6 +11,7 @@ never synchronize with the host). Ops:
 - abqllm::kp_gemv(x, qweight_t, scales_t, zeros_t, bias?, act_scale?, act_zero?, in_features, bits, group_size,
   act_bits, act_symmetric) -> y: the decode GEMV on the k-packed layout (kernels/kpacked.py). Its split-K
   workspace is left zero after each launch, so the op is a pure function of its inputs.
+- abqllm::kp_gemm(same arguments) -> y: any M on the k-packed layout, tensor cores.
 """
 
 from __future__ import annotations
@@ -74,6 +75,20 @@ def kp_gemv(x: Tensor, qweight_t: Tensor, scales_t: Tensor, zeros_t: Tensor, bia
 
 
 @kp_gemv.register_fake
+def _(x, qweight_t, scales_t, zeros_t, bias, act_scale, act_zero, in_features, bits, group_size, act_bits,
+      act_symmetric):
+    return x.new_empty(*x.shape[:-1], qweight_t.shape[1])
+
+
+@torch.library.custom_op("abqllm::kp_gemm", mutates_args=())
+def kp_gemm(x: Tensor, qweight_t: Tensor, scales_t: Tensor, zeros_t: Tensor, bias: Optional[Tensor],
+            act_scale: Optional[Tensor], act_zero: Optional[Tensor], in_features: int, bits: int, group_size: int,
+            act_bits: int, act_symmetric: bool) -> Tensor:
+    return kpacked_linear.kp_gemm(x, qweight_t, scales_t, zeros_t, bias, act_scale, act_zero, in_features, bits,
+                                  group_size, act_bits, act_symmetric)
+
+
+@kp_gemm.register_fake
 def _(x, qweight_t, scales_t, zeros_t, bias, act_scale, act_zero, in_features, bits, group_size, act_bits,
       act_symmetric):
     return x.new_empty(*x.shape[:-1], qweight_t.shape[1])

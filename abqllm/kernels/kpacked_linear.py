@@ -3,7 +3,8 @@
 `kp_gemv` computes y = Q_a(x) @ W^T + bias for a few rows x [M, K] (every storage width 1..8, A16 in
 fp16/bf16/fp32 or A2..A8, per-channel or any group size) with triton_kpacked.kp_gemv_kernel. The 'triton'
 linear kernel takes it on CUDA for M <= KP_MAX_M (each row streams the weights once more, so it pays only for
-decode); linear kernel 'triton-gemv' takes it for any M (tests, benchmarks). Device: CUDA, or the CPU inside
+decode); linear kernel 'triton-kpacked' serves every M on this layout, with `kp_gemm` (tensor cores) above
+KP_MAX_M rows. Device: CUDA, or the CPU inside
 Triton's interpreter.
 """
 
@@ -131,6 +132,81 @@ def kp_gemv(x: torch.Tensor, qweight_t: torch.Tensor, scales_t: torch.Tensor, ze
     return y.reshape(*shape[:-1], n)
 
 
+@dataclass(frozen=True)
+class KpGemmConfig:
+    """kp_gemm_kernel tiles: bm x bn outputs, bkw words of K per step (bkw * PER_P dot rows)."""
+    bm: int = 64
+    bn: int = 128
+    bkw: int = 0  # 0: automatic (about 64 dot rows, dividing the group's words)
+    num_warps: int = 4
+    num_stages: int = 3
+    group_m: int = 8
+
+
+def _per_p(bits: int) -> int:
+    per = KP.codes_per_word(bits)
+    return 1 << (per - 1).bit_length()
+
+
+def gemm_bkw(bits: int, group_size: int, k: int, rows: int = 64) -> int:
+    """Words per K step: about `rows` dot rows, a divisor of the group's words (a step never spans two groups)."""
+    wpg = KP.words_per_segment(k, group_size, bits)
+    bkw = max(1, rows // _per_p(bits))
+    while group_size and wpg % bkw:
+        bkw //= 2
+    return max(1, bkw)
+
+
+def default_kp_gemm_config(m: int, interpret: bool) -> KpGemmConfig:
+    """Untimed (no GPU run has measured kp_gemm yet); the interpreter gets small tiles."""
+    if interpret:
+        return KpGemmConfig(bm=16, bn=32, num_warps=4, num_stages=1)
+    return KpGemmConfig(bm=64 if m <= 64 else 128, bn=128, num_warps=4 if m <= 64 else 8)
+
+
+def kp_gemm(x: torch.Tensor, qweight_t: torch.Tensor, scales_t: torch.Tensor, zeros_t: torch.Tensor,
+            bias: torch.Tensor | None, act_scale: torch.Tensor | None, act_zero: torch.Tensor | None,
+            in_features: int, bits: int, group_size: int, act_bits: int, act_symmetric: bool,
+            config: KpGemmConfig | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """y = Q_a(x) @ W^T + bias for any M on the k-packed layout (tensor cores; see kp_gemm_kernel)."""
+    from abqllm.kernels import triton_kpacked
+    from abqllm.kernels.triton_linear import act_center_exact, act_quant, interpreting
+
+    shape, k, n = x.shape, in_features, qweight_t.shape[1]
+    if shape[-1] != k:
+        raise ValueError(f"x has {shape[-1]} features, layer expects {k}")
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    if out is not None and (out.dtype != x.dtype or not out.is_contiguous() or out.numel() != m * n):
+        raise ValueError("out must be a contiguous tensor of x's dtype with [..., N] elements")
+    y = out.view(m, n) if out is not None else torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if m == 0:
+        return y.reshape(*shape[:-1], n)
+    int_path = act_bits != 16
+    if int_path:
+        a_in, sx, ax = act_quant(x2, act_bits, act_symmetric, act_scale, act_zero)
+    else:
+        a_in, sx, ax = x2, scales_t, scales_t
+    interp = interpreting()
+    cfg = config or default_kp_gemm_config(m, interp)
+    bkw = cfg.bkw or gemm_bkw(bits, group_size, k)
+    wpg = KP.words_per_segment(k, group_size, bits)
+    if group_size and wpg % bkw:
+        raise ValueError(f"bkw {bkw} must divide the {wpg} words of a group")
+    dot_f32 = not int_path and (x.dtype not in (torch.float16, torch.bfloat16) or (interp and x.dtype == torch.bfloat16))
+    grid = (-(-m // cfg.bm) * -(-n // cfg.bn),)
+    triton_kpacked.kp_gemm_kernel[grid](
+        a_in, sx, ax, qweight_t, scales_t, zeros_t, bias if bias is not None else scales_t, y,
+        m, n, k, KP.segment_length(k, group_size), qweight_t.shape[0], a_in.stride(0), y.stride(0),
+        BITS=bits, PER=KP.codes_per_word(bits), PER_P=_per_p(bits), WPG=wpg if group_size else 0,
+        GROUPED=group_size > 0, INT_PATH=int_path, A_OFFSET=int_path and not act_center_exact(act_bits, act_symmetric),
+        HAS_BIAS=bias is not None, BM=cfg.bm, BN=cfg.bn, BKW=bkw, GROUP_M=cfg.group_m, DOT_F32=dot_f32,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return y.reshape(*shape[:-1], n)
+
+
 def layer_kpacked(layer) -> KP.KPacked:
     """The layer's weights in the k-packed layout, built on first use and cached on the layer until its packed
     buffers change (reassigned or written in place) or it moves. The cache holds a second copy of the weights
@@ -163,11 +239,14 @@ def _supports(layer, device: torch.device) -> bool:
     return supports(layer, device)
 
 
-@register("linear", "triton-gemv", priority=10, supports=_supports)
-def linear_triton_gemv(layer, x: torch.Tensor) -> torch.Tensor:
-    """The k-packed GEMV for every M (the 'triton' kernel takes it by itself for decode on CUDA)."""
+@register("linear", "triton-kpacked", priority=10, supports=_supports)
+def linear_triton_kpacked(layer, x: torch.Tensor) -> torch.Tensor:
+    """Every M on the k-packed layout: the GEMV up to KP_MAX_M rows, kp_gemm above (the 'triton' kernel takes the
+    GEMV by itself for decode on CUDA and keeps qlinear_kernel on the bitstream for M > 1)."""
     from abqllm.kernels import custom_ops
-    return custom_ops.kp_gemv(x, **layer_kp_args(layer))
+    if 0 < x.numel() // max(1, x.shape[-1]) <= KP_MAX_M:
+        return custom_ops.kp_gemv(x, **layer_kp_args(layer))
+    return custom_ops.kp_gemm(x, **layer_kp_args(layer))
 
 
 def kp_constexprs(bits: int, group_size: int, k: int, n: int, act_bits: int, act_symmetric: bool, has_bias: bool,
@@ -209,6 +288,39 @@ def aot_compile_kp(m: int, n: int, k: int, bits: int, group_size: int, act_bits:
                cnt_ptr="*i32" if split > 1 else "*fp16")
     fn = _kernel()
     sig = {**ptr, **{a: "i32" for a in ("N", "K", "SEG", "NW", "stride_xm", "stride_ym", "SPLIT", "BLOCKS_PER_SPLIT")},
+           **{c: "constexpr" for c in const}}
+    names = fn.arg_names
+    attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in ptr}
+    src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(c),): v for c, v in const.items()}, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                          options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+
+
+def aot_compile_kp_gemm(m: int, n: int, k: int, bits: int, group_size: int, act_bits: int,
+                        act_symmetric: bool = False, has_bias: bool = False, x_dtype: torch.dtype = torch.float16,
+                        config: KpGemmConfig | None = None, arch: int = 90):
+    """Compile the kp_gemm_kernel launch that kp_gemm would make, for sm_<arch>, without a GPU."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from abqllm.kernels import triton_kpacked
+    from abqllm.kernels.triton_linear import _TRITON_TYPE, act_center_exact
+
+    cfg = config or default_kp_gemm_config(m, False)
+    int_path = act_bits != 16
+    wpg = KP.words_per_segment(k, group_size, bits)
+    const = dict(BITS=bits, PER=KP.codes_per_word(bits), PER_P=_per_p(bits), WPG=wpg if group_size else 0,
+                 GROUPED=group_size > 0, INT_PATH=int_path,
+                 A_OFFSET=int_path and not act_center_exact(act_bits, act_symmetric), HAS_BIAS=has_bias, BM=cfg.bm,
+                 BN=cfg.bn, BKW=cfg.bkw or gemm_bkw(bits, group_size, k), GROUP_M=cfg.group_m,
+                 DOT_F32=not int_path and x_dtype not in (torch.float16, torch.bfloat16))
+    xt = _TRITON_TYPE[x_dtype]
+    ptr = dict(x_ptr="*i8" if int_path else f"*{xt}", sx_ptr="*fp32" if int_path else "*fp16",
+               ax_ptr="*i32" if int_path else "*fp16", qw_ptr="*i32", sw_ptr="*fp16", zw_ptr="*u8",
+               bias_ptr=f"*{xt}" if has_bias else "*fp16", y_ptr=f"*{xt}")
+    fn = triton_kpacked.kp_gemm_kernel
+    sig = {**ptr, **{a: "i32" for a in ("M", "N", "K", "SEG", "NW", "stride_xm", "stride_ym")},
            **{c: "constexpr" for c in const}}
     names = fn.arg_names
     attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in ptr}

@@ -143,3 +143,89 @@ def kp_gemv_kernel(x_ptr, sx_ptr, ax_ptr, qw_ptr, sw_ptr, zw_ptr, bias_ptr, y_pt
                 tot += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
             tl.store(y_ptrs, tot.to(y_ptr.dtype.element_ty), mask=n_ok)
             tl.store(cnt, 0)
+
+
+# Prefill (M > 1) on the same layout: tensor cores on integer-valued operands. A [BKW, BN] tile of words is
+# expanded to [BKW, PER_P, BN] codes with constant shifts (PER_P = PER rounded up to a power of two; slots
+# >= PER and padding slots meet x = 0) and reshaped to the dot's [BK, BN] operand, row w * PER_P + j = code j of
+# word w. Both operands are integers exact in the dot's dtype: (code - z_w) in [-255, 255], and x itself (A16)
+# or u - z_x = xq + a (A <= 8, in fp16), so each group's dot is the exact integer sum up to fp32 accumulation
+# rounding, and the scale is applied once per group (per channel: once at the end).
+@triton.jit(do_not_specialize=["M", "N", "K", "SEG", "NW", "stride_xm", "stride_ym"])
+def kp_gemm_kernel(x_ptr, sx_ptr, ax_ptr, qw_ptr, sw_ptr, zw_ptr, bias_ptr, y_ptr,
+                   M, N, K, SEG, NW, stride_xm, stride_ym,
+                   BITS: tl.constexpr, PER: tl.constexpr, PER_P: tl.constexpr, WPG: tl.constexpr,
+                   GROUPED: tl.constexpr, INT_PATH: tl.constexpr, A_OFFSET: tl.constexpr, HAS_BIAS: tl.constexpr,
+                   BM: tl.constexpr, BN: tl.constexpr, BKW: tl.constexpr, GROUP_M: tl.constexpr,
+                   DOT_F32: tl.constexpr):
+    """GROUPED: BKW divides WPG, so every K tile lies in one group. Per channel (WPG = 0) tiles run freely."""
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BM)
+    num_pid_n = tl.cdiv(N, BN)
+    group_id = pid // (GROUP_M * num_pid_n)
+    first_m = group_id * GROUP_M
+    size_m = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * num_pid_n)) % size_m
+    pid_n = (pid % (GROUP_M * num_pid_n)) // size_m
+    rm = pid_m * BM + tl.arange(0, BM)
+    rn = pid_n * BN + tl.arange(0, BN)
+    m_ok = rm < M
+    n_ok = rn < N
+    BK: tl.constexpr = BKW * PER_P
+    rk = tl.arange(0, BK)
+    r_w = rk // PER_P  # word (within the tile) of each dot row
+    r_j = rk % PER_P  # slot within the word
+    rw = tl.arange(0, BKW)
+    shifts = (tl.arange(0, PER_P) * BITS).to(tl.uint32)
+    if A_OFFSET:
+        a = tl.load(ax_ptr + rm, mask=m_ok, other=0).to(tl.float32)
+    acc = tl.zeros((BM, BN), tl.float32)
+    if not GROUPED:
+        z = tl.load(zw_ptr + rn, mask=n_ok, other=0).to(tl.float32)
+    for w0 in range(0, NW, BKW):
+        w = w0 + rw
+        words = tl.load(qw_ptr + w[:, None].to(tl.int64) * N + rn[None, :], mask=(w < NW)[:, None] & n_ok[None, :],
+                        other=0).to(tl.uint32, bitcast=True)
+        codes = (words[:, None, :] >> shifts[None, :, None]) & ((1 << BITS) - 1)  # [BKW, PER_P, BN]
+        if GROUPED:
+            g = w0 // WPG
+            z = tl.load(zw_ptr + g * N + rn, mask=n_ok, other=0).to(tl.float32)
+        wv = tl.reshape(codes.to(tl.float32) - z[None, None, :], (BK, BN))
+        # x columns of the dot rows: word w0 + r_w, slot r_j
+        wr = w0 + r_w
+        if GROUPED:
+            seg_g = wr // WPG
+            slot = (wr - seg_g * WPG) * PER + r_j
+            kidx = seg_g * SEG + slot
+        else:
+            slot = wr * PER + r_j
+            kidx = slot
+        k_ok = (r_j < PER) & (wr < NW) & (slot < SEG) & (kidx < K)
+        xv = tl.load(x_ptr + rm[:, None].to(tl.int64) * stride_xm + kidx[None, :], mask=m_ok[:, None] & k_ok[None, :],
+                     other=0)
+        if INT_PATH:
+            xf = xv.to(tl.float32)
+            if A_OFFSET:
+                xf = tl.where(k_ok[None, :], xf + a[:, None], 0.0)
+            xd = xf.to(tl.float16)
+            wd = wv.to(tl.float16)
+        else:
+            xd = xv
+            wd = wv.to(x_ptr.dtype.element_ty)
+        if DOT_F32:
+            part = tl.dot(xd.to(tl.float32), wd.to(tl.float32), input_precision="ieee")
+        else:
+            part = tl.dot(xd, wd)
+        if GROUPED:
+            s = tl.load(sw_ptr + g * N + rn, mask=n_ok, other=0.0).to(tl.float32)
+            acc += part * s[None, :]
+        else:
+            acc += part
+    if not GROUPED:
+        acc = acc * tl.load(sw_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    if INT_PATH:
+        acc = acc * tl.load(sx_ptr + rm, mask=m_ok, other=0.0)[:, None]
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + rm[:, None].to(tl.int64) * stride_ym + rn[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=m_ok[:, None] & n_ok[None, :])

@@ -127,6 +127,12 @@ if not INTERPRETED:
         assert converts * 8 <= ptx.count("fma.rn.f32")
         assert "div.s32" not in ptx and "div.u32" not in ptx  # group index by a constant: no run-time division
 
+    @pytest.mark.parametrize("bits,gs,act,m", [(4, 128, 16, 2048), (3, 128, 8, 64), (8, 0, 8, 16)])
+    def test_gemm_compiles_for_sm90_with_tensor_cores(bits, gs, act, m):
+        if importlib.util.find_spec("triton") is None:
+            pytest.skip("triton is not installed")
+        assert "wgmma.mma_async" in KL.aot_compile_kp_gemm(m, 4096, 4096, bits, gs, act, arch=90).asm["ptx"]
+
 
 CASES = [
     # (weight, act, group, k, m, dtype, bias, sym_act, config)
@@ -159,13 +165,43 @@ def test_kernel_matches_reference(case):
     assert not ws.any() and not cnt.any(), "split-K workspace not left zero"
 
 
-def test_kernel_through_the_layer():
+@pytest.mark.parametrize("rows", [1, 6])
+def test_kernel_through_the_layer(rows):  # GEMV at one row, kp_gemm above
     if not INTERPRETED:
         pytest.skip("runs in the interpreter child (test_in_interpreter)")
-    layer = make_layer("4", 16, 64, 48, 256, bias=True, kernel="triton-gemv")
-    x = torch.randn(2, 3, 256).half()
-    ref = linear_reference(layer, x.reshape(-1, 256).double()).reshape(2, 3, 48)
+    layer = make_layer("4", 16, 64, 48, 256, bias=True, kernel="triton-kpacked")
+    x = torch.randn(rows, 1, 256).half()
+    ref = linear_reference(layer, x.reshape(-1, 256).double()).reshape(rows, 1, 48)
     assert_close(layer(x), ref, torch.float16)
+
+
+GEMM_CASES = [
+    # (weight, act, group, k, m, dtype, bias, sym_act)
+    ("4", 16, 128, 512, 5, torch.float16, False, False),
+    ("2", 16, 64, 320, 17, torch.float16, True, False),
+    ("3", 16, 128, 1000, 3, torch.float16, False, False),  # one word per K step, ragged last group
+    ("2*", 8, 128, 256, 4, torch.float16, True, False),
+    ("8", 8, 0, 200, 2, torch.float16, False, False),  # A8 asymmetric: u - z_x up to 255
+    ("8", 8, 0, 192, 3, torch.float16, True, True),
+    ("5", 4, 32, 160, 3, torch.float16, False, False),
+    ("7", 16, 0, 100, 2, torch.float32, True, False),
+    ("6", 6, 64, 384, 2, torch.bfloat16, False, False),
+    ("1", 16, 128, 1024, 2, torch.bfloat16, False, False),
+    ("4", 8, 64, 640, 20, torch.float16, True, False),
+]
+
+
+@pytest.mark.parametrize("case", GEMM_CASES, ids=lambda c: f"W{c[0]}A{c[1]}g{c[2]}k{c[3]}m{c[4]}")
+def test_gemm_kernel_matches_reference(case):
+    if not INTERPRETED:
+        pytest.skip("runs in the interpreter child (test_in_interpreter)")
+    w, a, gs, k, m, dtype, bias, sym = case
+    layer = make_layer(w, a, gs, 72, k, bias=bias, sym_act=sym, seed=k + m)
+    x = (torch.randn(m, k) * 2 + 0.3).to(dtype)
+    ref = linear_reference(layer, x.double())
+    y = torch.full((m, 72), float("nan"), dtype=dtype)
+    KL.kp_gemm(x, **KL.layer_kp_args(layer), out=y)
+    assert_close(y, ref, dtype)
 
 
 # ---- on a GPU -------------------------------------------------------------------------------------
@@ -176,14 +212,15 @@ def test_kernel_through_the_layer():
 @pytest.mark.parametrize("a", [16, 8, 4])
 def test_gpu_kernel_matches_reference(w, a):
     dev = torch.device("cuda")
-    for gs, k, m in ((128, 4096, 1), (0, 1000, 1), (64, 576, 3)):
+    for gs, k, m in ((128, 4096, 1), (0, 1000, 1), (64, 576, 3), (128, 4096, 64)):
         layer = make_layer(w, a, gs, 300, k, bias=True, seed=k)
         x = (torch.randn(m, k) * 2 + 0.3).half()
         ref = linear_reference(layer, x.double())
         layer = layer.to(dev)
-        y = torch.full((m, 300), float("nan"), dtype=torch.float16, device=dev)
-        KL.kp_gemv(x.to(dev), **KL.layer_kp_args(layer), out=y)
-        assert_close(y, ref, torch.float16)
+        for fn in (KL.kp_gemv, KL.kp_gemm):
+            y = torch.full((m, 300), float("nan"), dtype=torch.float16, device=dev)
+            fn(x.to(dev), **KL.layer_kp_args(layer), out=y)
+            assert_close(y, ref, torch.float16)
     ws, cnt = KL._WORKSPACE[y.device]
     assert not ws.any() and not cnt.any()
 

@@ -1,5 +1,6 @@
-"""The k-packed decode GEMV on a GPU in one call: correctness, M = 1 timings against torch fp16, GemLite (if carried)
-and the older qlinear_kernel path, a tile sweep, small-M crossover, large-M baselines, end-to-end decode at batch 1.
+"""The k-packed kernels on a GPU in one call: GEMV correctness, M = 1 timings against torch fp16, GemLite (if carried)
+and the older qlinear_kernel path, a tile sweep, small-M crossover, kp_gemm vs qlinear_kernel vs cuBLAS/_int_mm
+at M = 16 and 2048, end-to-end decode at batch 1 (also with every M on the k-packed layout).
 
     python benchmarks/gpu/kp_check.py --out DIR [--budget-s 420]
 Writes DIR/kp.json after every section (a run cut short keeps what it measured) and prints a table last.
@@ -53,12 +54,20 @@ def kp_call(L, x, cfg=None):
 def _warm(items):
     dev = torch.device("cuda")
     errs = []
-    for scheme, n, k, cfg, gs, m in items:
+    for item in items:
         try:
+            if item[0] == "gemm":  # kp_gemm and qlinear_kernel at this M
+                _, scheme, n, k, m = item
+                L = layer(scheme, n, k, dev)
+                x = torch.randn(m, k, device=dev, dtype=torch.float16)
+                KL.kp_gemm(x, **KL.layer_kp_args(L))
+                TL.qlinear(x, **TL.layer_args(L))
+                continue
+            scheme, n, k, cfg, gs, m = item
             L = layer(scheme, n, k, dev, gs=gs)
             kp_call(L, torch.randn(m, k, device=dev, dtype=torch.float16), cfg)
         except Exception as e:  # noqa: BLE001
-            errs.append(f"{scheme} {cfg}: {type(e).__name__}: {e}"[-300:])
+            errs.append(f"{item}: {type(e).__name__}: {e}"[-300:])
     torch.cuda.synchronize()
     return errs
 
@@ -92,6 +101,9 @@ def main():
         items += [(s, 200, k, None, gs, 1) for s in schemes for gs, k in ((0, 576), (64, 1000))]
     items += [(s, 8192, 8192, KL.KpConfig(**c), 128, 1) for s in SWEEP_SCHEMES for c in SWEEP]
     items += [(s, 4096, 4096, None, 128, m) for s in ("W4A16", "W2A8") for m in (2, 4, 8)]
+    gemm_items = [(s, n, k, m) for s in ("W4A16", "W8A8", "W4A8", "W2A16", "W3A16", "W2A8")
+                  for m, (n, k) in ((2048, (8192, 8192)), (16, (8192, 8192)), (128, (4096, 4096)))]
+    items += [("gemm",) + it for it in gemm_items]
     chunks = [items[i::14] for i in range(14)]
     with mp.get_context("spawn").Pool(14) as pool:
         try:
@@ -212,17 +224,52 @@ def main():
     log(f"small M: {res['small_m']}")
     save()
 
+    # ---- M = 16 and M = 2048: kp_gemm (k-packed, tensor cores) vs qlinear_kernel (bitstream) vs cuBLAS / _int_mm
+    res["large_m"] = []
+    for m, (n, k) in ((2048, (8192, 8192)), (16, (8192, 8192)), (2048, (4096, 11008))):
+        if left() < 70:
+            break
+        xs = [torch.randn(m, k, device=dev, dtype=torch.float16) for _ in range(2)]
+        wf = [torch.randn(n, k, device=dev, dtype=torch.float16) for _ in range(2)]
+        fp16 = timed([lambda w=w, x=x: F.linear(x, w) for w, x in zip(wf, xs)])
+        del wf
+        row = dict(m=m, n=n, k=k, fp16_us=fp16, fp16_tflops=2 * m * n * k / fp16 / 1e6)
+        a8 = torch.randint(-128, 127, (m, k), device=dev, dtype=torch.int8)
+        b8 = torch.randint(-128, 127, (n, k), device=dev, dtype=torch.int8)
+        row["int_mm_us"] = timed([lambda: torch._int_mm(a8, b8.t())])
+        del a8, b8
+        for scheme in ("W4A16", "W8A8", "W4A8", "W2A16", "W3A16"):
+            qs = parse_scheme(scheme + "g128")
+            Ls = [layer(scheme, n, k, dev, seed=i) for i in range(2)]
+            for L in Ls:
+                KL.layer_kpacked(L)
+            for name, f in (("kp_gemm", lambda L, x: KL.kp_gemm(x, **KL.layer_kp_args(L))),
+                            ("qlinear", lambda L, x: TL.qlinear(x, **TL.layer_args(L)))):
+                try:
+                    row[f"{scheme} {name}_us"] = timed([lambda L=L, x=x, f=f: f(L, x) for L, x in zip(Ls, xs)])
+                except Exception as e:  # noqa: BLE001
+                    row[f"{scheme} {name}_error"] = str(e)[-200:]
+            del Ls
+        res["large_m"].append(row)
+        log(f"large M {m} {n}x{k}: " + ", ".join(f"{a}={b:.1f}" for a, b in row.items() if a.endswith("_us")))
+        save()
+
     # ---- end to end, batch 1 (decode steps take the k-packed GEMV through the 'triton' kernel)
     res["e2e"] = []
     shape = llama.Shape(max_seq=128 + 256)
-    for variant in ["fp16", "W4A16", "W2A8", "W8A8", "W4A8", "W3A8", "W2*A8", "W2A16"]:
+    for variant in ["fp16", "W4A16", "W2A8", "W8A8", "W4A8", "W3A8", "W2*A8", "W2A16", "W4A16/kpacked", "W2A8/kpacked"]:
         if left() < 20:
             break
-        spec = None if variant == "fp16" else parse_scheme(variant + "g128").layer
+        scheme, _, kernel = variant.partition("/")
+        spec = None if variant == "fp16" else parse_scheme(scheme + "g128").layer
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         try:
             model = llama.Llama(shape, spec, 1, dev)
+            if kernel:  # every M on the k-packed layout (prefill through kp_gemm)
+                for mod in model.modules():
+                    if hasattr(mod, "_kernel_cache"):
+                        mod.kernel = "triton-kpacked"
             r = llama.generate_timed(model, 1, 128, 256, use_graph=True)
             kp_bytes = sum(m._kernel_cache["kpacked"][1].nbytes() for m in model.modules()
                            if getattr(m, "_kernel_cache", {}).get("kpacked"))

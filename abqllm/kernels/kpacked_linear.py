@@ -207,18 +207,38 @@ def kp_gemm(x: torch.Tensor, qweight_t: torch.Tensor, scales_t: torch.Tensor, ze
     return y.reshape(*shape[:-1], n)
 
 
+def _version(layer) -> tuple:
+    return tuple((id(t), t._version) for t in (layer.qweight, layer.scales, layer.zeros))
+
+
 def layer_kpacked(layer) -> KP.KPacked:
     """The layer's weights in the k-packed layout, built on first use and cached on the layer until its packed
     buffers change (reassigned or written in place) or it moves. The cache holds a second copy of the weights
-    beside the checkpoint's bitstream buffer."""
-    version = tuple((id(t), t._version) for t in (layer.qweight, layer.scales, layer.zeros))
+    beside the checkpoint's bitstream buffer (see keep_only_kpacked)."""
     cached = layer._kernel_cache.get("kpacked")
-    if cached is None or cached[0] != version:
+    if cached is None or cached[0] != _version(layer):
         w = layer.spec.weight
-        cached = (version, KP.from_bitstream(layer.qweight, layer.scales, layer.zeros, layer.in_features,
-                                             w.storage_bits, w.group_size))
+        cached = (_version(layer), KP.from_bitstream(layer.qweight, layer.scales, layer.zeros, layer.in_features,
+                                                     w.storage_bits, w.group_size))
         layer._kernel_cache["kpacked"] = cached
     return cached[1]
+
+
+def keep_only_kpacked(model: torch.nn.Module) -> int:
+    """Hold each CUDA QuantLinear's weights once on the GPU: build its k-packed layout, serve every M from it
+    (kernel 'triton-kpacked') and move the checkpoint's bitstream `qweight` to CPU memory. Saving still works
+    (the state dict reads the CPU copy); moving the layer again (`.to`) brings qweight along and drops the
+    k-packed cache. Returns the GPU bytes released."""
+    from abqllm.nn import QuantLinear
+    freed = 0
+    for mod in model.modules():
+        if isinstance(mod, QuantLinear) and mod.qweight.is_cuda:
+            kp = layer_kpacked(mod)
+            freed += mod.qweight.numel() * mod.qweight.element_size()
+            mod.qweight = mod.qweight.cpu()
+            mod._kernel_cache["kpacked"] = (_version(mod), kp)  # same codes, the buffer just moved
+            mod.kernel = "triton-kpacked"
+    return freed
 
 
 def layer_kp_args(layer) -> dict:

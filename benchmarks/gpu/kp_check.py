@@ -266,14 +266,16 @@ def main():
         torch.cuda.reset_peak_memory_stats()
         try:
             model = llama.Llama(shape, spec, 1, dev)
-            if kernel:  # every M on the k-packed layout (prefill through kp_gemm)
-                for mod in model.modules():
-                    if hasattr(mod, "_kernel_cache"):
-                        mod.kernel = "triton-kpacked"
+            released = KL.keep_only_kpacked(model) if kernel else 0  # every M on the k-packed layout, weights once
+            torch.cuda.synchronize()
+            setup_peak = torch.cuda.max_memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
             r = llama.generate_timed(model, 1, 128, 256, use_graph=True)
             kp_bytes = sum(m._kernel_cache["kpacked"][1].nbytes() for m in model.modules()
                            if getattr(m, "_kernel_cache", {}).get("kpacked"))
             res["e2e"].append(dict(variant=variant, **r, peak_bytes=torch.cuda.max_memory_allocated(),
+                                   setup_peak_bytes=setup_peak, released_bytes=released,
+                                   resident_bytes=torch.cuda.memory_allocated(),
                                    weight_bytes=llama.weight_bytes(model), kv_bytes=llama.kv_bytes(model),
                                    kpacked_bytes=kp_bytes))
         except Exception as e:  # noqa: BLE001

@@ -5,6 +5,7 @@ Layout tests run in the normal suite. Kernel cases run in Triton's CPU interpret
 compiled for sm_90 without a GPU, and GPU-marked cases run the compiled kernel when CUDA is there.
 Fresh random inputs every case; outputs poisoned with NaN before the kernel runs.
 """
+import copy
 import importlib.util
 import os
 import subprocess
@@ -242,3 +243,25 @@ def test_gpu_decode_takes_the_gemv_and_replays_in_a_graph():
         g.replay()
     torch.cuda.synchronize()
     assert_close(y, ref, torch.float16)
+
+
+def test_keep_only_kpacked_leaves_cpu_layers_alone():
+    model = torch.nn.Sequential(make_layer("4", 16, 64, 16, 128), make_layer("2", 8, 128, 8, 256))
+    before = [m.qweight for m in model]
+    assert KL.keep_only_kpacked(model) == 0
+    assert all(m.qweight is q and m.kernel == "auto" and m._kernel_cache == {} for m, q in zip(model, before))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_keep_only_kpacked_serves_every_m_and_still_saves():
+    dev = torch.device("cuda")
+    cpu_layer = make_layer("4", 8, 128, 512, 1024, bias=True, seed=3)
+    state = {k: v.clone() for k, v in cpu_layer.state_dict().items()}
+    layer = torch.nn.Sequential(copy.deepcopy(cpu_layer).to(dev))
+    freed = KL.keep_only_kpacked(layer)
+    assert freed == state["qweight"].numel() * 4 and not layer[0].qweight.is_cuda
+    for m in (1, 5, 300):
+        x = torch.randn(m, 1024).half()
+        assert_close(layer(x.to(dev)), linear_reference(cpu_layer, x.double()), torch.float16)
+    assert all(torch.equal(v.cpu(), state[k]) for k, v in layer[0].state_dict().items())

@@ -21,6 +21,7 @@ from abqllm.kernels.registry import register
 # Rows up to which the 'triton' kernel takes the GEMV on CUDA: at M = 2 it already lost to qlinear_kernel's dot
 # path on the H200 (benchmarks/results/gpu_h200_2026-11-28_kp: W4A16 4096^2, 36.0 vs 20.8 us).
 KP_MAX_M = 1
+MAGIC_BITS = 0x4B000000  # the float 2^23: kp_gemv_kernel's code-to-float constant (a run-time argument; see there)
 
 
 @dataclass(frozen=True)
@@ -128,7 +129,7 @@ def kp_gemv(x: torch.Tensor, qweight_t: torch.Tensor, scales_t: torch.Tensor, ze
     _kernel()[(grid_n, m, split)](
         a_in, sx, ax, qweight_t, scales_t, zeros_t, bias if bias is not None else scales_t, y, ws, cnt,
         n // 16 if const["N_ALIGNED"] else n, k, KP.segment_length(k, group_size), nw, a_in.stride(0), y.stride(0),
-        split, per, **const, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        split, per, MAGIC_BITS, **const, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return y.reshape(*shape[:-1], n)
 
 
@@ -307,7 +308,8 @@ def aot_compile_kp(m: int, n: int, k: int, bits: int, group_size: int, act_bits:
                bias_ptr=f"*{xt}" if has_bias else "*fp16", y_ptr=f"*{xt}", ws_ptr="*fp32" if split > 1 else "*fp16",
                cnt_ptr="*i32" if split > 1 else "*fp16")
     fn = _kernel()
-    sig = {**ptr, **{a: "i32" for a in ("N", "K", "SEG", "NW", "stride_xm", "stride_ym", "SPLIT", "BLOCKS_PER_SPLIT")},
+    sig = {**ptr, **{a: "i32" for a in ("N", "K", "SEG", "NW", "stride_xm", "stride_ym", "SPLIT", "BLOCKS_PER_SPLIT",
+                                       "MAGIC")},
            **{c: "constexpr" for c in const}}
     names = fn.arg_names
     attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in ptr}

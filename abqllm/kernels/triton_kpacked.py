@@ -25,14 +25,17 @@ import triton
 import triton.language as tl
 
 
-@triton.jit(do_not_specialize=["N", "K", "SEG", "NW", "stride_xm", "stride_ym", "SPLIT", "BLOCKS_PER_SPLIT"])
+@triton.jit(do_not_specialize=["N", "K", "SEG", "NW", "stride_xm", "stride_ym", "SPLIT", "BLOCKS_PER_SPLIT", "MAGIC"])
 def kp_gemv_kernel(x_ptr, sx_ptr, ax_ptr, qw_ptr, sw_ptr, zw_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr,
-                   N, K, SEG, NW, stride_xm, stride_ym, SPLIT, BLOCKS_PER_SPLIT,
+                   N, K, SEG, NW, stride_xm, stride_ym, SPLIT, BLOCKS_PER_SPLIT, MAGIC,
                    BITS: tl.constexpr, PER: tl.constexpr, WPG: tl.constexpr, GROUPED: tl.constexpr,
                    BLOCK_IN_SEG: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, HIGH_SHIFT: tl.constexpr,
                    INT_PATH: tl.constexpr, A_OFFSET: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr,
                    BN: tl.constexpr, BW: tl.constexpr, N_ALIGNED: tl.constexpr):
-    """WPG is a compile-time constant for groups (0 per channel: one segment, word row w holds columns
+    """MAGIC is 0x4B000000 (the bits of 2^23), passed at run time so that it lives in one register and each
+    code's LOP3 takes its mask as the immediate: as a compile-time constant, ptxas made the magic the immediate
+    and rematerialized the 16 different masks (one MOV per code in the sm_90 SASS).
+    WPG is a compile-time constant for groups (0 per channel: one segment, word row w holds columns
     w * PER ...). EVEN_K: every word slot is a real column (SEG % PER == 0, K % SEG == 0, NW % BW == 0), so no
     column masks. BLOCK_IN_SEG: each BW-row block lies inside one group (WPG % BW == 0)."""
     if N_ALIGNED:  # passed divided by 16 so that Triton sees the divisibility and vectorizes along N
@@ -98,7 +101,7 @@ def kp_gemv_kernel(x_ptr, sx_ptr, ax_ptr, qw_ptr, sw_ptr, zw_ptr, bias_ptr, y_pt
             else:
                 sh = j * BITS - HIGH_SHIFT
                 field = high & (((1 << BITS) - 1) << sh)
-            code_f = (field | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+            code_f = (field | MAGIC).to(tl.float32, bitcast=True) - 8388608.0
             wx += code_f * (xj * (1.0 / (1 << sh)))[:, None]
         if GROUPED:
             if BLOCK_IN_SEG:  # one group for the whole tile: reduce the rows first, then one zero/scale per column

@@ -2,7 +2,9 @@
 and the older qlinear_kernel path, a tile sweep, small-M crossover, kp_gemm vs qlinear_kernel vs cuBLAS/_int_mm
 at M = 16 and 2048, end-to-end decode at batch 1 (also with every M on the k-packed layout).
 
-    python benchmarks/gpu/kp_check.py --out DIR [--budget-s 420]
+    python benchmarks/gpu/kp_check.py --out DIR [--budget-s 420] [--lean]
+    python benchmarks/gpu/kp_check.py --out DIR --cpu    # no GPU: every section on tiny shapes in Triton's
+                                                         # interpreter (~2 min), to check the script itself
 Writes DIR/kp.json after every section (a run cut short keeps what it measured) and prints a table last.
 """
 from __future__ import annotations
@@ -10,13 +12,18 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
+import os
 import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
+CPU = "--cpu" in sys.argv
+if CPU:  # before anything imports triton
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from abqllm.kernels import kpacked_linear as KL  # noqa: E402
@@ -36,6 +43,32 @@ SWEEP = [dict(bn=1024, bw=4, num_warps=4, warps_per_sm=16), dict(bn=1024, bw=4, 
          dict(bn=1024, bw=8, num_warps=4), dict(bn=1024, bw=2, num_warps=4), dict(bn=512, bw=4, num_warps=2),
          dict(bn=1024, bw=1, num_warps=4)]
 T0 = time.time()
+
+
+def S(v: int) -> int:
+    """A size as given on the GPU; 1/32 of it (at least 32) in the CPU dry run."""
+    return v if not CPU else max(32, v // 32)
+
+
+def M(m: int) -> int:
+    return m if not CPU else min(m, 64)
+
+
+def sync():
+    if not CPU:
+        torch.cuda.synchronize()
+
+
+def mem(kind: str) -> int:
+    if CPU:
+        return 0
+    return {"peak": torch.cuda.max_memory_allocated, "now": torch.cuda.memory_allocated}[kind]()
+
+
+def mem_reset():
+    if not CPU:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
 
 
 def log(msg):
@@ -68,7 +101,7 @@ def _warm(items):
             kp_call(L, torch.randn(m, k, device=dev, dtype=torch.float16), cfg)
         except Exception as e:  # noqa: BLE001
             errs.append(f"{item}: {type(e).__name__}: {e}"[-300:])
-    torch.cuda.synchronize()
+    sync()
     return errs
 
 
@@ -77,13 +110,15 @@ def main():
     ap.add_argument("--out", required=True)
     ap.add_argument("--budget-s", type=float, default=420)
     ap.add_argument("--lean", action="store_true", help="fewer correctness cases and no small-M section")
+    ap.add_argument("--cpu", action="store_true", help="dry run on tiny shapes in Triton's interpreter")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     targs = argparse.Namespace(calls=20, replays=7)
-    dev = torch.device("cuda")
-    res = dict(gpu=torch.cuda.get_device_name(0), date=time.strftime("%Y-%m-%d %H:%M:%S %Z"), torch=torch.__version__,
-               sms=torch.cuda.get_device_properties(0).multi_processor_count)
+    dev = torch.device("cpu" if CPU else "cuda")
+    res = dict(gpu="cpu (Triton interpreter dry run)" if CPU else torch.cuda.get_device_name(0),
+               date=time.strftime("%Y-%m-%d %H:%M:%S %Z"), torch=torch.__version__,
+               sms=0 if CPU else torch.cuda.get_device_properties(0).multi_processor_count)
     try:
         import triton
         res["triton"] = triton.__version__
@@ -95,7 +130,8 @@ def main():
 
     # ---- compile every variant in parallel worker processes (fills Triton's disk cache)
     schemes = [w + a for w in WIDTHS for a in (("A16", "A8") if args.lean else ("A16", "A8", "A4"))]
-    items = [(s, n, k, None, 128, 1) for s in schemes for (n, k) in SHAPES]
+    shapes = [(S(n), S(k)) for n, k in SHAPES]
+    items = [(s, n, k, None, 128, 1) for s in schemes for (n, k) in shapes]
     items += [(s, 200, 4096, None, 128, 1) for s in schemes]
     if not args.lean:
         items += [(s, 200, k, None, gs, 1) for s in schemes for gs, k in ((0, 576), (64, 1000))]
@@ -105,7 +141,9 @@ def main():
                   for m, (n, k) in ((2048, (8192, 8192)), (16, (8192, 8192)), (128, (4096, 4096)))]
     items += [("gemm",) + it for it in gemm_items]
     chunks = [items[i::14] for i in range(14)]
-    with mp.get_context("spawn").Pool(14) as pool:
+    if CPU:  # nothing to compile in the interpreter
+        chunks = []
+    with mp.get_context("spawn").Pool(14 if chunks else 1) as pool:
         try:
             res["warm_errors"] = [e for es in pool.map_async(_warm, chunks).get(timeout=150) for e in es]
         except mp.TimeoutError:
@@ -119,7 +157,7 @@ def main():
     # ---- correctness vs the float64 reference, outputs poisoned with NaN, workspace zero afterwards
     rows = []
     for scheme in schemes:
-        for gs, k, m in ((128, 4096, 1),) + (() if args.lean else ((0, 576, 1), (64, 1000, 3))):
+        for gs, k, m in ((128, S(4096), 1),) + (() if args.lean else ((0, S(576) + 8, 1), (64, S(1000) + 40, 3))):
             qs = parse_scheme(scheme + (f"g{gs}" if gs else ""))
             L = llama.random_quant_linear(k, 200, qs.layer, "cpu", seed=k)
             L.bias = torch.randn(200).half()
@@ -141,15 +179,15 @@ def main():
     save()
 
     def timed(fns):
-        return GS.time_fn(fns, targs, True)["s"] * 1e6
+        return GS.time_fn(fns, targs, not CPU)["s"] * 1e6
 
     def weight_bytes(qs, n, k, gs=128):
         return n * k * qs.weight.storage_bits / 8 + n * (k // (gs or k)) * 3
 
     # ---- M = 1 timings
     res["timings"] = []
-    for si, (n, k) in enumerate(SHAPES[:2] if args.lean else SHAPES):
-        c = GS.copies_needed(n * k * 2, True)
+    for si, (n, k) in enumerate(shapes[:2] if args.lean or CPU else shapes):
+        c = GS.copies_needed(n * k * 2, not CPU)
         ws_ = [torch.randn(n, k, device=dev, dtype=torch.float16) for _ in range(c)]
         xs = [torch.randn(1, k, device=dev, dtype=torch.float16) for _ in range(c)]
         fp16 = timed([lambda w=w, x=x: F.linear(x, w) for w, x in zip(ws_, xs)])
@@ -159,7 +197,7 @@ def main():
             if left() < 120:
                 break
             qs = parse_scheme(scheme + "g128")
-            c = GS.copies_needed(n * k * qs.weight.storage_bits // 8, True)
+            c = GS.copies_needed(n * k * qs.weight.storage_bits // 8, not CPU)
             Ls = [layer(scheme, n, k, dev, seed=i) for i in range(c)]
             xs = [torch.randn(1, k, device=dev, dtype=torch.float16) for _ in range(c)]
             for L in Ls:
@@ -176,7 +214,7 @@ def main():
                     res["timings"].append(dict(kernel=name, scheme=scheme, n=n, k=k, error=str(e)[-300:]))
             if qs.weight.balanced is False and si < 2:
                 pr = peers.time_peer(scheme, qs.weight.bits, False, qs.act.bits, 128, 1, n, k, c, dev,
-                                     lambda fns: GS.time_fn(fns, targs, True))
+                                     lambda fns: GS.time_fn(fns, targs, not CPU))
                 if pr and "s" in pr:
                     res["timings"].append(dict(kernel=pr["kernel"], scheme=scheme, n=n, k=k, us=pr["s"] * 1e6,
                                                vs_fp16=fp16 / (pr["s"] * 1e6)))
@@ -186,10 +224,10 @@ def main():
 
     # ---- tile sweep at N = K = 8192
     res["sweep"] = []
-    n = k = 8192
+    n = k = S(8192)
     for scheme in SWEEP_SCHEMES:
         qs = parse_scheme(scheme + "g128")
-        c = GS.copies_needed(n * k * qs.weight.storage_bits // 8, True)
+        c = GS.copies_needed(n * k * qs.weight.storage_bits // 8, not CPU)
         Ls = [layer(scheme, n, k, dev, seed=i) for i in range(c)]
         xs = [torch.randn(1, k, device=dev, dtype=torch.float16) for _ in range(c)]
         for cd in SWEEP:
@@ -207,10 +245,10 @@ def main():
 
     # ---- small M: where the GEMV stops paying (each row streams the weights again) vs qlinear_kernel's dot path
     res["small_m"] = []
-    n = k = 4096
+    n = k = S(4096)
     for scheme in () if args.lean else ("W4A16", "W2A8"):
         qs = parse_scheme(scheme + "g128")
-        c = GS.copies_needed(n * k * qs.weight.storage_bits // 8, True)
+        c = GS.copies_needed(n * k * qs.weight.storage_bits // 8, not CPU)
         Ls = [layer(scheme, n, k, dev, seed=i) for i in range(c)]
         for m in (1, 2, 4, 8):
             if left() < 90:
@@ -227,6 +265,7 @@ def main():
     # ---- M = 16 and M = 2048: kp_gemm (k-packed, tensor cores) vs qlinear_kernel (bitstream) vs cuBLAS / _int_mm
     res["large_m"] = []
     for m, (n, k) in ((2048, (8192, 8192)), (16, (8192, 8192)), (2048, (4096, 11008))):
+        m, n, k = M(m), S(n), S(k)
         if left() < 70:
             break
         xs = [torch.randn(m, k, device=dev, dtype=torch.float16) for _ in range(2)]
@@ -236,7 +275,10 @@ def main():
         row = dict(m=m, n=n, k=k, fp16_us=fp16, fp16_tflops=2 * m * n * k / fp16 / 1e6)
         a8 = torch.randint(-128, 127, (m, k), device=dev, dtype=torch.int8)
         b8 = torch.randint(-128, 127, (n, k), device=dev, dtype=torch.int8)
-        row["int_mm_us"] = timed([lambda: torch._int_mm(a8, b8.t())])
+        try:
+            row["int_mm_us"] = timed([lambda: torch._int_mm(a8, b8.t())])
+        except RuntimeError as e:  # (the CPU build may lack it for some sizes)
+            row["int_mm_error"] = str(e)[-200:]
         del a8, b8
         for scheme in ("W4A16", "W8A8", "W4A8", "W2A16", "W3A16"):
             qs = parse_scheme(scheme + "g128")
@@ -256,26 +298,26 @@ def main():
 
     # ---- end to end, batch 1 (decode steps take the k-packed GEMV through the 'triton' kernel)
     res["e2e"] = []
-    shape = llama.Shape(max_seq=128 + 256)
+    prompt, new = (128, 256) if not CPU else (8, 4)
+    shape = llama.Shape(max_seq=prompt + new) if not CPU else llama.Shape(dim=64, n_layers=2, n_heads=4, ffn=160,
+                                                                          vocab=256, max_seq=prompt + new)
     for variant in ["fp16", "W4A16", "W2A8", "W8A8", "W4A8", "W3A8", "W2*A8", "W2A16", "W4A16/kpacked", "W2A8/kpacked"]:
         if left() < 20:
             break
         scheme, _, kernel = variant.partition("/")
         spec = None if variant == "fp16" else parse_scheme(scheme + "g128").layer
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
+        mem_reset()
         try:
             model = llama.Llama(shape, spec, 1, dev)
             released = KL.keep_only_kpacked(model) if kernel else 0  # every M on the k-packed layout, weights once
-            torch.cuda.synchronize()
-            setup_peak = torch.cuda.max_memory_allocated()
-            torch.cuda.reset_peak_memory_stats()
-            r = llama.generate_timed(model, 1, 128, 256, use_graph=True)
+            sync()
+            setup_peak = mem("peak")
+            mem_reset()
+            r = llama.generate_timed(model, 1, prompt, new, use_graph=not CPU)
             kp_bytes = sum(m._kernel_cache["kpacked"][1].nbytes() for m in model.modules()
                            if getattr(m, "_kernel_cache", {}).get("kpacked"))
-            res["e2e"].append(dict(variant=variant, **r, peak_bytes=torch.cuda.max_memory_allocated(),
-                                   setup_peak_bytes=setup_peak, released_bytes=released,
-                                   resident_bytes=torch.cuda.memory_allocated(),
+            res["e2e"].append(dict(variant=variant, **r, peak_bytes=mem("peak"),
+                                   setup_peak_bytes=setup_peak, released_bytes=released, resident_bytes=mem("now"),
                                    weight_bytes=llama.weight_bytes(model), kv_bytes=llama.kv_bytes(model),
                                    kpacked_bytes=kp_bytes))
         except Exception as e:  # noqa: BLE001

@@ -91,22 +91,21 @@ def _kernel():
     return triton_kpacked.kp_gemv_kernel
 
 
-def kp_gemv(x: torch.Tensor, qweight_t: torch.Tensor, scales_t: torch.Tensor, zeros_t: torch.Tensor,
-            bias: torch.Tensor | None, act_scale: torch.Tensor | None, act_zero: torch.Tensor | None,
-            in_features: int, bits: int, group_size: int, act_bits: int, act_symmetric: bool,
-            config: KpConfig | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
-    """y [..., N] in x's dtype. The reference is kernels/reference.py (same arithmetic, float64)."""
-    from abqllm.kernels.triton_linear import act_center_exact, act_quant, interpreting
+def _prologue(x, qweight_t, scales_t, in_features, bits, group_size, act_bits, act_symmetric, act_scale, act_zero,
+              out, who: str):
+    """Checks shared by kp_gemv and kp_gemm, then x as [M, K] rows (quantized for A <= 8) and the output buffer.
+    Returns (out_shape, m, y [M, N], a_in, sx, ax); m == 0 means there is nothing to launch."""
+    from abqllm.kernels.triton_linear import act_quant
 
     if not 1 <= bits <= 8 or not (act_bits == 16 or 2 <= act_bits <= 8):
-        raise ValueError(f"kp_gemv supports storage bits 1..8 and A2..A8 or A16, got {bits} bits, A{act_bits}")
-    shape, k, n = x.shape, in_features, qweight_t.shape[1]
-    if shape[-1] != k:
-        raise ValueError(f"x has {shape[-1]} features, layer expects {k}")
-    wpg, nw = KP.words_per_segment(k, group_size, bits), qweight_t.shape[0]
-    if nw != -(-k // KP.segment_length(k, group_size)) * wpg:
-        raise ValueError(f"qweight_t has {nw} word rows; {k} features at {bits} bits, group {group_size} need "
-                         f"{-(-k // KP.segment_length(k, group_size)) * wpg}")
+        raise ValueError(f"{who} supports storage bits 1..8 and A2..A8 or A16, got {bits} bits, A{act_bits}")
+    k, n = in_features, qweight_t.shape[1]
+    if x.shape[-1] != k:
+        raise ValueError(f"x has {x.shape[-1]} features, layer expects {k}")
+    need = -(-k // KP.segment_length(k, group_size)) * KP.words_per_segment(k, group_size, bits)
+    if qweight_t.shape[0] != need:
+        raise ValueError(f"qweight_t has {qweight_t.shape[0]} word rows; {k} features at {bits} bits, group "
+                         f"{group_size} need {need}")
     x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
@@ -114,13 +113,25 @@ def kp_gemv(x: torch.Tensor, qweight_t: torch.Tensor, scales_t: torch.Tensor, ze
     if out is not None and (out.dtype != x.dtype or not out.is_contiguous() or out.numel() != m * n):
         raise ValueError("out must be a contiguous tensor of x's dtype with [..., N] elements")
     y = out.view(m, n) if out is not None else torch.empty(m, n, dtype=x.dtype, device=x.device)
-    if m == 0:
-        return y.reshape(*shape[:-1], n)
-    int_path = act_bits != 16
-    if int_path:
+    if m and act_bits != 16:
         a_in, sx, ax = act_quant(x2, act_bits, act_symmetric, act_scale, act_zero)
     else:
         a_in, sx, ax = x2, scales_t, scales_t  # unused on the float path
+    return (*x.shape[:-1], n), m, y, a_in, sx, ax
+
+
+def kp_gemv(x: torch.Tensor, qweight_t: torch.Tensor, scales_t: torch.Tensor, zeros_t: torch.Tensor,
+            bias: torch.Tensor | None, act_scale: torch.Tensor | None, act_zero: torch.Tensor | None,
+            in_features: int, bits: int, group_size: int, act_bits: int, act_symmetric: bool,
+            config: KpConfig | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """y [..., N] in x's dtype. The reference is kernels/reference.py (same arithmetic, float64)."""
+    from abqllm.kernels.triton_linear import interpreting
+
+    out_shape, m, y, a_in, sx, ax = _prologue(x, qweight_t, scales_t, in_features, bits, group_size, act_bits,
+                                              act_symmetric, act_scale, act_zero, out, "kp_gemv")
+    if m == 0:
+        return y.reshape(out_shape)
+    k, n, nw = in_features, qweight_t.shape[1], qweight_t.shape[0]
     cfg = config or default_kp_config(bits, group_size, k, n)
     sms = 4 if interpreting() else _num_sms(x.device.index or 0)
     grid_n, split, per = kp_plan(m, n, nw, cfg, sms)
@@ -130,7 +141,7 @@ def kp_gemv(x: torch.Tensor, qweight_t: torch.Tensor, scales_t: torch.Tensor, ze
         a_in, sx, ax, qweight_t, scales_t, zeros_t, bias if bias is not None else scales_t, y, ws, cnt,
         n // 16 if const["N_ALIGNED"] else n, k, KP.segment_length(k, group_size), nw, a_in.stride(0), y.stride(0),
         split, per, MAGIC_BITS, **const, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    return y.reshape(*shape[:-1], n)
+    return y.reshape(out_shape)
 
 
 @dataclass(frozen=True)
@@ -165,47 +176,44 @@ def default_kp_gemm_config(m: int, interpret: bool) -> KpGemmConfig:
     return KpGemmConfig(bm=64 if m <= 64 else 128, bn=128, num_warps=4 if m <= 64 else 8)
 
 
+def kp_gemm_constexprs(bits: int, group_size: int, k: int, act_bits: int, act_symmetric: bool, has_bias: bool,
+                       x_dtype: torch.dtype, cfg: KpGemmConfig, interpret: bool) -> dict:
+    """The compile-time parameters of kp_gemm_kernel (shared by kp_gemm and aot_compile_kp_gemm)."""
+    from abqllm.kernels.triton_linear import act_center_exact
+    int_path = act_bits != 16
+    wpg = KP.words_per_segment(k, group_size, bits)
+    bkw = cfg.bkw or gemm_bkw(bits, group_size, k)
+    if group_size and wpg % bkw:
+        raise ValueError(f"bkw {bkw} must divide the {wpg} words of a group")
+    # fp32 x takes an exact fp32 dot; so does bf16 in the interpreter, whose tl.dot multiplies bf16 as raw bits
+    dot_f32 = not int_path and (x_dtype not in (torch.float16, torch.bfloat16) or (interpret and x_dtype == torch.bfloat16))
+    return dict(BITS=bits, PER=KP.codes_per_word(bits), PER_P=_per_p(bits), WPG=wpg if group_size else 0,
+                GROUPED=group_size > 0, INT_PATH=int_path,
+                A_OFFSET=int_path and not act_center_exact(act_bits, act_symmetric), HAS_BIAS=has_bias, BM=cfg.bm,
+                BN=cfg.bn, BKW=bkw, GROUP_M=cfg.group_m, DOT_F32=dot_f32)
+
+
 def kp_gemm(x: torch.Tensor, qweight_t: torch.Tensor, scales_t: torch.Tensor, zeros_t: torch.Tensor,
             bias: torch.Tensor | None, act_scale: torch.Tensor | None, act_zero: torch.Tensor | None,
             in_features: int, bits: int, group_size: int, act_bits: int, act_symmetric: bool,
             config: KpGemmConfig | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """y = Q_a(x) @ W^T + bias for any M on the k-packed layout (tensor cores; see kp_gemm_kernel)."""
     from abqllm.kernels import triton_kpacked
-    from abqllm.kernels.triton_linear import act_center_exact, act_quant, interpreting
+    from abqllm.kernels.triton_linear import interpreting
 
-    shape, k, n = x.shape, in_features, qweight_t.shape[1]
-    if shape[-1] != k:
-        raise ValueError(f"x has {shape[-1]} features, layer expects {k}")
-    x2 = x.reshape(-1, k)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    m = x2.shape[0]
-    if out is not None and (out.dtype != x.dtype or not out.is_contiguous() or out.numel() != m * n):
-        raise ValueError("out must be a contiguous tensor of x's dtype with [..., N] elements")
-    y = out.view(m, n) if out is not None else torch.empty(m, n, dtype=x.dtype, device=x.device)
+    out_shape, m, y, a_in, sx, ax = _prologue(x, qweight_t, scales_t, in_features, bits, group_size, act_bits,
+                                              act_symmetric, act_scale, act_zero, out, "kp_gemm")
     if m == 0:
-        return y.reshape(*shape[:-1], n)
-    int_path = act_bits != 16
-    if int_path:
-        a_in, sx, ax = act_quant(x2, act_bits, act_symmetric, act_scale, act_zero)
-    else:
-        a_in, sx, ax = x2, scales_t, scales_t
+        return y.reshape(out_shape)
+    k, n = in_features, qweight_t.shape[1]
     interp = interpreting()
     cfg = config or default_kp_gemm_config(m, interp)
-    bkw = cfg.bkw or gemm_bkw(bits, group_size, k)
-    wpg = KP.words_per_segment(k, group_size, bits)
-    if group_size and wpg % bkw:
-        raise ValueError(f"bkw {bkw} must divide the {wpg} words of a group")
-    dot_f32 = not int_path and (x.dtype not in (torch.float16, torch.bfloat16) or (interp and x.dtype == torch.bfloat16))
-    grid = (-(-m // cfg.bm) * -(-n // cfg.bn),)
-    triton_kpacked.kp_gemm_kernel[grid](
+    const = kp_gemm_constexprs(bits, group_size, k, act_bits, act_symmetric, bias is not None, x.dtype, cfg, interp)
+    triton_kpacked.kp_gemm_kernel[(-(-m // cfg.bm) * -(-n // cfg.bn),)](
         a_in, sx, ax, qweight_t, scales_t, zeros_t, bias if bias is not None else scales_t, y,
         m, n, k, KP.segment_length(k, group_size), qweight_t.shape[0], a_in.stride(0), y.stride(0),
-        BITS=bits, PER=KP.codes_per_word(bits), PER_P=_per_p(bits), WPG=wpg if group_size else 0,
-        GROUPED=group_size > 0, INT_PATH=int_path, A_OFFSET=int_path and not act_center_exact(act_bits, act_symmetric),
-        HAS_BIAS=bias is not None, BM=cfg.bm, BN=cfg.bn, BKW=bkw, GROUP_M=cfg.group_m, DOT_F32=dot_f32,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    return y.reshape(*shape[:-1], n)
+        **const, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return y.reshape(out_shape)
 
 
 def _version(layer) -> tuple:
@@ -286,66 +294,51 @@ def kp_constexprs(bits: int, group_size: int, k: int, n: int, act_bits: int, act
                 ATOMIC=split > 1, BN=cfg.bn, BW=cfg.bw, N_ALIGNED=n % 16 == 0)
 
 
-def aot_compile_kp(m: int, n: int, k: int, bits: int, group_size: int, act_bits: int, act_symmetric: bool = False,
-                   has_bias: bool = False, x_dtype: torch.dtype = torch.float16, config: KpConfig | None = None,
-                   sms: int = 132, arch: int = 90):
-    """Compile the kp_gemv_kernel launch that kp_gemv would make, for sm_<arch>, without a GPU (Triton ships
-    ptxas). Returns triton's CompiledKernel (.asm: ttgir, ptx, cubin; .n_regs, .n_spills)."""
+def _aot_compile(fn, ptr: dict, ints: tuple, const: dict, num_warps: int, num_stages: int, arch: int):
+    """Compile a kernel for sm_<arch> without a GPU (Triton ships ptxas): 16-byte aligned pointers, as Triton's
+    launcher specializes them at run time."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from abqllm.kernels.triton_linear import _TRITON_TYPE
+    sig = {**ptr, **{a: "i32" for a in ints}, **{c: "constexpr" for c in const}}
+    names = fn.arg_names
+    attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in ptr}
+    src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(c),): v for c, v in const.items()}, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=num_warps,
+                                                                                num_stages=num_stages))
 
+
+def _aot_pointers(int_path: bool, x_dtype: torch.dtype, has_bias: bool) -> dict:
+    from abqllm.kernels.triton_linear import _TRITON_TYPE
+    xt = _TRITON_TYPE[x_dtype]
+    return dict(x_ptr="*i8" if int_path else f"*{xt}", sx_ptr="*fp32" if int_path else "*fp16",
+                ax_ptr="*i32" if int_path else "*fp16", qw_ptr="*i32", sw_ptr="*fp16", zw_ptr="*u8",
+                bias_ptr=f"*{xt}" if has_bias else "*fp16", y_ptr=f"*{xt}")
+
+
+def aot_compile_kp(m: int, n: int, k: int, bits: int, group_size: int, act_bits: int, act_symmetric: bool = False,
+                   has_bias: bool = False, x_dtype: torch.dtype = torch.float16, config: KpConfig | None = None,
+                   sms: int = 132, arch: int = 90):
+    """Compile the kp_gemv_kernel launch that kp_gemv would make, for sm_<arch>, without a GPU.
+    Returns triton's CompiledKernel (.asm: ttgir, ptx, cubin)."""
     cfg = config or default_kp_config(bits, group_size, k, n)
     nw = -(-k // KP.segment_length(k, group_size)) * KP.words_per_segment(k, group_size, bits)
     _, split, _ = kp_plan(m, n, nw, cfg, sms)
     const = kp_constexprs(bits, group_size, k, n, act_bits, act_symmetric, has_bias, split, cfg)
-    int_path = act_bits != 16
-    xt = _TRITON_TYPE[x_dtype]
-    ptr = dict(x_ptr="*i8" if int_path else f"*{xt}", sx_ptr="*fp32" if int_path else "*fp16",
-               ax_ptr="*i32" if int_path else "*fp16", qw_ptr="*i32", sw_ptr="*fp16", zw_ptr="*u8",
-               bias_ptr=f"*{xt}" if has_bias else "*fp16", y_ptr=f"*{xt}", ws_ptr="*fp32" if split > 1 else "*fp16",
-               cnt_ptr="*i32" if split > 1 else "*fp16")
-    fn = _kernel()
-    sig = {**ptr, **{a: "i32" for a in ("N", "K", "SEG", "NW", "stride_xm", "stride_ym", "SPLIT", "BLOCKS_PER_SPLIT",
-                                       "MAGIC")},
-           **{c: "constexpr" for c in const}}
-    names = fn.arg_names
-    attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in ptr}
-    src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(c),): v for c, v in const.items()}, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                          options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+    ptr = _aot_pointers(act_bits != 16, x_dtype, has_bias)
+    ptr.update(ws_ptr="*fp32" if split > 1 else "*fp16", cnt_ptr="*i32" if split > 1 else "*fp16")
+    return _aot_compile(_kernel(), ptr, ("N", "K", "SEG", "NW", "stride_xm", "stride_ym", "SPLIT", "BLOCKS_PER_SPLIT",
+                                         "MAGIC"), const, cfg.num_warps, cfg.num_stages, arch)
 
 
 def aot_compile_kp_gemm(m: int, n: int, k: int, bits: int, group_size: int, act_bits: int,
                         act_symmetric: bool = False, has_bias: bool = False, x_dtype: torch.dtype = torch.float16,
                         config: KpGemmConfig | None = None, arch: int = 90):
     """Compile the kp_gemm_kernel launch that kp_gemm would make, for sm_<arch>, without a GPU."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     from abqllm.kernels import triton_kpacked
-    from abqllm.kernels.triton_linear import _TRITON_TYPE, act_center_exact
-
     cfg = config or default_kp_gemm_config(m, False)
-    int_path = act_bits != 16
-    wpg = KP.words_per_segment(k, group_size, bits)
-    const = dict(BITS=bits, PER=KP.codes_per_word(bits), PER_P=_per_p(bits), WPG=wpg if group_size else 0,
-                 GROUPED=group_size > 0, INT_PATH=int_path,
-                 A_OFFSET=int_path and not act_center_exact(act_bits, act_symmetric), HAS_BIAS=has_bias, BM=cfg.bm,
-                 BN=cfg.bn, BKW=cfg.bkw or gemm_bkw(bits, group_size, k), GROUP_M=cfg.group_m,
-                 DOT_F32=not int_path and x_dtype not in (torch.float16, torch.bfloat16))
-    xt = _TRITON_TYPE[x_dtype]
-    ptr = dict(x_ptr="*i8" if int_path else f"*{xt}", sx_ptr="*fp32" if int_path else "*fp16",
-               ax_ptr="*i32" if int_path else "*fp16", qw_ptr="*i32", sw_ptr="*fp16", zw_ptr="*u8",
-               bias_ptr=f"*{xt}" if has_bias else "*fp16", y_ptr=f"*{xt}")
-    fn = triton_kpacked.kp_gemm_kernel
-    sig = {**ptr, **{a: "i32" for a in ("M", "N", "K", "SEG", "NW", "stride_xm", "stride_ym")},
-           **{c: "constexpr" for c in const}}
-    names = fn.arg_names
-    attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in ptr}
-    src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(c),): v for c, v in const.items()}, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                          options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+    const = kp_gemm_constexprs(bits, group_size, k, act_bits, act_symmetric, has_bias, x_dtype, cfg, False)
+    return _aot_compile(triton_kpacked.kp_gemm_kernel, _aot_pointers(act_bits != 16, x_dtype, has_bias),
+                        ("M", "N", "K", "SEG", "NW", "stride_xm", "stride_ym"), const, cfg.num_warps,
+                        cfg.num_stages, arch)

@@ -265,3 +265,14 @@ def test_gpu_keep_only_kpacked_serves_every_m_and_still_saves():
         x = torch.randn(m, 1024).half()
         assert_close(layer(x.to(dev)), linear_reference(cpu_layer, x.double()), torch.float16)
     assert all(torch.equal(v.cpu(), state[k]) for k, v in layer[0].state_dict().items())
+
+
+@pytest.mark.parametrize("fn", [KL.kp_gemv, KL.kp_gemm])
+def test_launchers_refuse_mismatched_inputs(fn):
+    args = KL.layer_kp_args(make_layer("4", 16, 64, 16, 128))
+    with pytest.raises(ValueError, match="features"):
+        fn(torch.randn(1, 100), **args)
+    with pytest.raises(ValueError, match="word rows"):
+        fn(torch.randn(1, 128), **{**args, "qweight_t": args["qweight_t"][:-1]})
+    with pytest.raises(ValueError, match="bits"):
+        fn(torch.randn(1, 128), **{**args, "bits": 9})

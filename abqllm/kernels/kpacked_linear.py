@@ -34,6 +34,7 @@ class KpConfig:
     num_warps: int = 4
     num_stages: int = 1
     warps_per_sm: int = 32
+    prefetch: bool = False  # load the next tile before computing this one (untimed; see kp_gemv_kernel)
 
 
 def default_kp_config(bits: int, group_size: int, k: int, n: int = 8192) -> KpConfig:
@@ -291,7 +292,7 @@ def kp_constexprs(bits: int, group_size: int, k: int, n: int, act_bits: int, act
                 EVEN_K=seg % per == 0 and k % seg == 0 and nw % cfg.bw == 0, EVEN_N=n % cfg.bn == 0,
                 HIGH_SHIFT=high_shift(bits), INT_PATH=int_path,
                 A_OFFSET=int_path and not act_center_exact(act_bits, act_symmetric), HAS_BIAS=has_bias,
-                ATOMIC=split > 1, BN=cfg.bn, BW=cfg.bw, N_ALIGNED=n % 16 == 0)
+                ATOMIC=split > 1, BN=cfg.bn, BW=cfg.bw, N_ALIGNED=n % 16 == 0, PREFETCH=cfg.prefetch)
 
 
 def _aot_compile(fn, ptr: dict, ints: tuple, const: dict, num_warps: int, num_stages: int, arch: int):

@@ -31,7 +31,7 @@ def kp_gemv_kernel(x_ptr, sx_ptr, ax_ptr, qw_ptr, sw_ptr, zw_ptr, bias_ptr, y_pt
                    BITS: tl.constexpr, PER: tl.constexpr, WPG: tl.constexpr, GROUPED: tl.constexpr,
                    BLOCK_IN_SEG: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, HIGH_SHIFT: tl.constexpr,
                    INT_PATH: tl.constexpr, A_OFFSET: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr,
-                   BN: tl.constexpr, BW: tl.constexpr, N_ALIGNED: tl.constexpr):
+                   BN: tl.constexpr, BW: tl.constexpr, N_ALIGNED: tl.constexpr, PREFETCH: tl.constexpr):
     """MAGIC is 0x4B000000 (the bits of 2^23), passed at run time so that it lives in one register and each
     code's LOP3 takes its mask as the immediate: as a compile-time constant, ptxas made the magic the immediate
     and rematerialized the 16 different masks (one MOV per code in the sm_90 SASS).
@@ -57,18 +57,35 @@ def kp_gemv_kernel(x_ptr, sx_ptr, ax_ptr, qw_ptr, sw_ptr, zw_ptr, bias_ptr, y_pt
     xacc = tl.zeros((BW, 1), tl.float32)  # per-channel: sum of x over the split
     b_lo = pid_k * BLOCKS_PER_SPLIT
     b_hi = tl.minimum(b_lo + BLOCKS_PER_SPLIT, tl.cdiv(NW, BW))
+    # PREFETCH: the next tile's words are loaded before this tile is computed (two tiles in flight per thread;
+    # Triton does not pipeline loads that feed no dot). The last iteration re-reads its own tile (a cache hit)
+    # instead of masking.
+    nxt = tl.zeros((BW, BN), tl.int32)
+    if PREFETCH:
+        w_next = b_lo * BW + rw
+        if EVEN_N and EVEN_K:
+            nxt = tl.load(qw_ptr + w_next[:, None].to(tl.int64) * N + rn[None, :])
+        else:
+            nxt = tl.load(qw_ptr + w_next[:, None].to(tl.int64) * N + rn[None, :],
+                          mask=(w_next < NW)[:, None] & n_ok[None, :], other=0)
     for blk in range(b_lo, b_hi):
         w = blk * BW + rw  # word rows of this tile
         w_ok = w < NW
-        if EVEN_N:
-            if EVEN_K:
+        if PREFETCH:
+            words = nxt.to(tl.uint32, bitcast=True)
+            w_next = tl.minimum(blk + 1, b_hi - 1) * BW + rw
+            if EVEN_N and EVEN_K:
+                nxt = tl.load(qw_ptr + w_next[:, None].to(tl.int64) * N + rn[None, :])
+            else:
+                nxt = tl.load(qw_ptr + w_next[:, None].to(tl.int64) * N + rn[None, :],
+                              mask=(w_next < NW)[:, None] & n_ok[None, :], other=0)
+        else:
+            if EVEN_N and EVEN_K:
                 words = tl.load(qw_ptr + w[:, None].to(tl.int64) * N + rn[None, :])
             else:
-                words = tl.load(qw_ptr + w[:, None].to(tl.int64) * N + rn[None, :], mask=w_ok[:, None], other=0)
-        else:
-            words = tl.load(qw_ptr + w[:, None].to(tl.int64) * N + rn[None, :], mask=w_ok[:, None] & n_ok[None, :],
-                            other=0)
-        words = words.to(tl.uint32, bitcast=True)
+                words = tl.load(qw_ptr + w[:, None].to(tl.int64) * N + rn[None, :], mask=w_ok[:, None] & n_ok[None, :],
+                                other=0)
+            words = words.to(tl.uint32, bitcast=True)
         if GROUPED:
             g = w // WPG
             slot0 = (w - g * WPG) * PER  # position of the word's first code inside its segment

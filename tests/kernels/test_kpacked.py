@@ -148,6 +148,9 @@ CASES = [
     ("6", 6, 64, 384, 1, torch.float16, False, False, KL.KpConfig(bn=32, bw=2, split_k=5)),
     ("1", 16, 128, 1024, 1, torch.float16, False, False, KL.KpConfig(bn=64, bw=4, split_k=1)),
     ("4", 8, 64, 640, 4, torch.bfloat16, True, False, KL.KpConfig(bn=32, bw=8, split_k=3, num_warps=2)),
+    # the next tile loaded ahead: every split's last tile re-read, ragged K and N
+    ("4", 16, 64, 640, 1, torch.float16, False, False, KL.KpConfig(bn=32, bw=4, split_k=3, prefetch=True)),
+    ("3", 8, 128, 1000, 2, torch.float16, True, False, KL.KpConfig(bn=64, bw=1, split_k=4, prefetch=True)),
 ]
 
 

@@ -187,7 +187,8 @@ def kp_gemm_constexprs(bits: int, group_size: int, k: int, act_bits: int, act_sy
     if group_size and wpg % bkw:
         raise ValueError(f"bkw {bkw} must divide the {wpg} words of a group")
     # fp32 x takes an exact fp32 dot; so does bf16 in the interpreter, whose tl.dot multiplies bf16 as raw bits
-    dot_f32 = not int_path and (x_dtype not in (torch.float16, torch.bfloat16) or (interpret and x_dtype == torch.bfloat16))
+    dot_f32 = not int_path and (x_dtype not in (torch.float16, torch.bfloat16)
+                                or (interpret and x_dtype == torch.bfloat16))
     return dict(BITS=bits, PER=KP.codes_per_word(bits), PER_P=_per_p(bits), WPG=wpg if group_size else 0,
                 GROUPED=group_size > 0, INT_PATH=int_path,
                 A_OFFSET=int_path and not act_center_exact(act_bits, act_symmetric), HAS_BIAS=has_bias, BM=cfg.bm,

@@ -270,7 +270,7 @@ def _supports(layer, device: torch.device) -> bool:
     return supports(layer, device)
 
 
-@register("linear", "triton-kpacked", priority=10, supports=_supports)
+@register("linear", "triton-kpacked", priority=8, supports=_supports)
 def linear_triton_kpacked(layer, x: torch.Tensor) -> torch.Tensor:
     """Every M on the k-packed layout: the GEMV up to KP_MAX_M rows, kp_gemm above (the 'triton' kernel takes the
     GEMV by itself for decode on CUDA and keeps qlinear_kernel on the bitstream for M > 1)."""

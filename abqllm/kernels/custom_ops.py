@@ -74,10 +74,11 @@ def kp_gemv(x: Tensor, qweight_t: Tensor, scales_t: Tensor, zeros_t: Tensor, bia
                                   group_size, act_bits, act_symmetric)
 
 
-@kp_gemv.register_fake
-def _(x, qweight_t, scales_t, zeros_t, bias, act_scale, act_zero, in_features, bits, group_size, act_bits,
-      act_symmetric):
+def _kp_fake(x, qweight_t, *args):  # both k-packed ops: y [..., N], N = qweight_t's columns
     return x.new_empty(*x.shape[:-1], qweight_t.shape[1])
+
+
+kp_gemv.register_fake(_kp_fake)
 
 
 @torch.library.custom_op("abqllm::kp_gemm", mutates_args=())
@@ -88,7 +89,4 @@ def kp_gemm(x: Tensor, qweight_t: Tensor, scales_t: Tensor, zeros_t: Tensor, bia
                                   group_size, act_bits, act_symmetric)
 
 
-@kp_gemm.register_fake
-def _(x, qweight_t, scales_t, zeros_t, bias, act_scale, act_zero, in_features, bits, group_size, act_bits,
-      act_symmetric):
-    return x.new_empty(*x.shape[:-1], qweight_t.shape[1])
+kp_gemm.register_fake(_kp_fake)

@@ -260,9 +260,13 @@ def layer_kp_args(layer) -> dict:
                 act_bits=spec.act.bits, act_symmetric=spec.act.symmetric)
 
 
-def use_gemv(m: int, device: torch.device) -> bool:
-    """Whether the 'triton' kernel takes the GEMV for an M-row input (CUDA decode)."""
-    return device.type == "cuda" and 0 < m <= KP_MAX_M
+def rows(x: torch.Tensor) -> int:
+    return x.numel() // max(1, x.shape[-1])
+
+
+def use_gemv(x: torch.Tensor) -> bool:
+    """Whether the 'triton' kernel takes the GEMV for this input (CUDA decode: up to KP_MAX_M rows)."""
+    return x.device.type == "cuda" and 0 < rows(x) <= KP_MAX_M
 
 
 def _supports(layer, device: torch.device) -> bool:
@@ -275,7 +279,7 @@ def linear_triton_kpacked(layer, x: torch.Tensor) -> torch.Tensor:
     """Every M on the k-packed layout: the GEMV up to KP_MAX_M rows, kp_gemm above (the 'triton' kernel takes the
     GEMV by itself for decode on CUDA and keeps qlinear_kernel on the bitstream for M > 1)."""
     from abqllm.kernels import custom_ops
-    if 0 < x.numel() // max(1, x.shape[-1]) <= KP_MAX_M:
+    if 0 < rows(x) <= KP_MAX_M:
         return custom_ops.kp_gemv(x, **layer_kp_args(layer))
     return custom_ops.kp_gemm(x, **layer_kp_args(layer))
 

@@ -444,6 +444,6 @@ def layer_args(layer) -> dict:
 def linear_triton(layer, x: torch.Tensor) -> torch.Tensor:
     """Packed weights unpacked in registers; int8 tensor cores for q <= 8, fp16/bf16 for A16."""
     from abqllm.kernels import custom_ops, kpacked_linear
-    if kpacked_linear.use_gemv(x.numel() // max(1, x.shape[-1]), x.device):  # decode on CUDA: the k-packed GEMV
+    if kpacked_linear.use_gemv(x):  # decode on CUDA: the k-packed GEMV
         return custom_ops.kp_gemv(x, **kpacked_linear.layer_kp_args(layer))
     return custom_ops.triton_qlinear(x, **layer_args(layer))

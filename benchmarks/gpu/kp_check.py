@@ -42,7 +42,8 @@ SWEEP = [dict(bn=1024, bw=4, num_warps=4, warps_per_sm=16), dict(bn=1024, bw=4, 
          dict(bn=1024, bw=4, num_warps=4, warps_per_sm=64), dict(bn=2048, bw=4, num_warps=8),
          dict(bn=1024, bw=8, num_warps=4), dict(bn=1024, bw=2, num_warps=4), dict(bn=512, bw=4, num_warps=2),
          dict(bn=1024, bw=1, num_warps=4),
-         # 16 columns a thread: fewer instructions per code in the SASS (W2A16 3.73 vs 4.04) at 72-85 registers
+         # 16 columns a thread: fewer instructions per code in the SASS (W2A16 3.73 vs 4.04, 85 registers; W1A16
+         # spills there), benchmarks/results/kp_sass.json
          dict(bn=2048, bw=4, num_warps=4), dict(bn=2048, bw=2, num_warps=4),
          # the next tile's words loaded before this one is computed (two tiles in flight per thread)
          dict(bn=1024, bw=4, num_warps=4, prefetch=True), dict(bn=2048, bw=4, num_warps=4, prefetch=True)]

@@ -17,25 +17,12 @@ from abqllm.kernels import cuda as CU  # noqa: E402
 from abqllm.kernels import registry  # noqa: E402
 from abqllm.kernels import triton_linear as TL  # noqa: E402
 from abqllm.kernels.reference import linear_reference  # noqa: E402
-from abqllm.nn import QuantLinear  # noqa: E402
 from abqllm.quant import primitives as P  # noqa: E402
-from abqllm.spec import ActSpec, LayerSpec, WeightSpec  # noqa: E402
+from abqllm.spec import ActSpec  # noqa: E402
+from tests.kernels.helpers import check_close, make_layer  # noqa: E402
 
 DEV = torch.device("cuda")
-TOL = {torch.float16: (2.0 ** -10, 1e-4), torch.bfloat16: (2.0 ** -7, 1e-3), torch.float32: (2e-6, 2e-6)}
 WEIGHTS = ["1", "2", "2*", "3", "4", "5", "6", "7", "8"]
-
-
-def make_layer(w, a, gs, n, k, *, bias=False, sym_act=False, seed=0):
-    spec = LayerSpec(WeightSpec(int(w.rstrip("*")), balanced=w.endswith("*"), group_size=gs),
-                     ActSpec(a, symmetric=sym_act))
-    g = torch.Generator().manual_seed(seed)
-    lin = torch.nn.Linear(k, n, bias=bias)
-    with torch.no_grad():
-        lin.weight.copy_(torch.randn(n, k, generator=g) * (0.5 + torch.rand(n, 1, generator=g)))
-        if bias:
-            lin.bias.copy_(torch.randn(n, generator=g))
-    return QuantLinear.from_float(lin, spec)  # quantized on the CPU
 
 
 def random_x(m, k, dtype, seed):
@@ -43,15 +30,6 @@ def random_x(m, k, dtype, seed):
     x = torch.randn(m, k, generator=g) * (0.2 + 2 * torch.rand(m, 1, generator=g))
     x[:, 0] += 4.0
     return x.to(dtype)
-
-
-def check_close(y, ref, dtype):
-    rtol, atol = TOL[dtype]
-    y = y.cpu()
-    assert y.dtype == dtype and torch.isfinite(y).all(), "NaN/inf in the output: an element was not written"
-    err = (y.double() - ref).abs()
-    bound = rtol * ref.abs() + atol * ref.abs().max()
-    assert (err <= bound).all(), f"max err {err.max().item():.3e}, worst ratio {(err / bound).max().item():.2f}"
 
 
 # Every weight width x activation width at decode (M = 1, groups of 128) and prefill (M = 33, per-channel),

@@ -8,8 +8,6 @@ Fresh random inputs every case; outputs poisoned with NaN before the kernel runs
 import copy
 import importlib.util
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,34 +16,16 @@ import torch
 from abqllm.kernels import kpacked as KP
 from abqllm.kernels import kpacked_linear as KL
 from abqllm.kernels.reference import linear_reference
-from abqllm.nn import QuantLinear
-from abqllm.spec import ActSpec, LayerSpec, WeightSpec
+from tests.kernels import helpers
+from tests.kernels.helpers import check_close
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-REPO = Path(__file__).resolve().parents[2]
-TOL = {torch.float16: (2.0 ** -10, 1e-4), torch.bfloat16: (2.0 ** -7, 1e-3), torch.float32: (2e-6, 2e-6)}
 
 
 def make_layer(w: str, a: int, gs: int, n: int, k: int, *, bias=False, sym_act=False, seed=0, kernel="auto"):
-    spec = LayerSpec(WeightSpec(int(w.rstrip("*")), balanced=w.endswith("*"), group_size=gs),
-                     ActSpec(a, symmetric=sym_act))
-    g = torch.Generator().manual_seed(seed)
-    lin = torch.nn.Linear(k, n, bias=bias)
-    with torch.no_grad():
-        lin.weight.copy_(torch.randn(n, k, generator=g) * (0.5 + torch.rand(n, 1, generator=g)))
-        if bias:
-            lin.bias.copy_(torch.randn(n, generator=g))
-    layer = QuantLinear.from_float(lin, spec)
+    layer = helpers.make_layer(w, a, gs, n, k, bias=bias, sym_act=sym_act, seed=seed)
     layer.kernel = kernel
     return layer
-
-
-def assert_close(y, ref, dtype):
-    rtol, atol = TOL[dtype]
-    y = y.double().cpu()
-    assert torch.isfinite(y).all(), "unwritten (NaN) or non-finite outputs"
-    bound = rtol * ref.abs() + atol * ref.abs().max()
-    assert ((y - ref).abs() <= bound).all(), f"max err ratio {float(((y - ref).abs() / bound).max()):.3g}"
 
 
 # ---- the layout (no triton needed) ---------------------------------------------------------------
@@ -105,15 +85,7 @@ def test_split_plan_covers_every_block_once():
 
 if not INTERPRETED:
     def test_in_interpreter():
-        if importlib.util.find_spec("triton") is None:
-            pytest.skip("triton is not installed")
-        from tests.kernels.test_triton_linear import _interpreter_broken
-        if (why := _interpreter_broken()):
-            pytest.skip(why)
-        env = {**os.environ, "TRITON_INTERPRET": "1"}
-        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__)),
-                               "-k", "kernel"], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-        assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+        helpers.run_in_interpreter(str(Path(__file__)), "-k", "kernel")
 
     @pytest.mark.parametrize("bits,gs,act", [(4, 128, 16), (2, 128, 8), (3, 128, 16), (8, 0, 8), (1, 64, 4)])
     def test_compiles_for_sm90(bits, gs, act):
@@ -164,7 +136,7 @@ def test_kernel_matches_reference(case):
     ref = linear_reference(layer, x.double())
     y = torch.full((m, 72), float("nan"), dtype=dtype)
     KL.kp_gemv(x, **KL.layer_kp_args(layer), config=cfg, out=y)
-    assert_close(y, ref, dtype)
+    check_close(y, ref, dtype)
     ws, cnt = KL._WORKSPACE.get(torch.device("cpu"), (torch.zeros(1), torch.zeros(1)))
     assert not ws.any() and not cnt.any(), "split-K workspace not left zero"
 
@@ -176,7 +148,7 @@ def test_kernel_through_the_layer(rows):  # GEMV at one row, kp_gemm above
     layer = make_layer("4", 16, 64, 48, 256, bias=True, kernel="triton-kpacked")
     x = torch.randn(rows, 1, 256).half()
     ref = linear_reference(layer, x.reshape(-1, 256).double()).reshape(rows, 1, 48)
-    assert_close(layer(x), ref, torch.float16)
+    check_close(layer(x), ref, torch.float16)
 
 
 GEMM_CASES = [
@@ -205,7 +177,7 @@ def test_gemm_kernel_matches_reference(case):
     ref = linear_reference(layer, x.double())
     y = torch.full((m, 72), float("nan"), dtype=dtype)
     KL.kp_gemm(x, **KL.layer_kp_args(layer), out=y)
-    assert_close(y, ref, dtype)
+    check_close(y, ref, dtype)
 
 
 # ---- on a GPU -------------------------------------------------------------------------------------
@@ -224,7 +196,7 @@ def test_gpu_kernel_matches_reference(w, a):
         for fn in (KL.kp_gemv, KL.kp_gemm):
             y = torch.full((m, 300), float("nan"), dtype=torch.float16, device=dev)
             fn(x.to(dev), **KL.layer_kp_args(layer), out=y)
-            assert_close(y, ref, torch.float16)
+            check_close(y, ref, torch.float16)
     ws, cnt = KL._WORKSPACE[y.device]
     assert not ws.any() and not cnt.any()
 
@@ -245,7 +217,7 @@ def test_gpu_decode_takes_the_gemv_and_replays_in_a_graph():
     for _ in range(3):
         g.replay()
     torch.cuda.synchronize()
-    assert_close(y, ref, torch.float16)
+    check_close(y, ref, torch.float16)
 
 
 def test_keep_only_kpacked_leaves_cpu_layers_alone():
@@ -266,7 +238,7 @@ def test_gpu_keep_only_kpacked_serves_every_m_and_still_saves():
     assert freed == state["qweight"].numel() * 4 and not layer[0].qweight.is_cuda
     for m in (1, 5, 300):
         x = torch.randn(m, 1024).half()
-        assert_close(layer(x.to(dev)), linear_reference(cpu_layer, x.double()), torch.float16)
+        check_close(layer(x.to(dev)), linear_reference(cpu_layer, x.double()), torch.float16)
     assert all(torch.equal(v.cpu(), state[k]) for k, v in layer[0].state_dict().items())
 
 
@@ -279,3 +251,15 @@ def test_launchers_refuse_mismatched_inputs(fn):
         fn(torch.randn(1, 128), **{**args, "qweight_t": args["qweight_t"][:-1]})
     with pytest.raises(ValueError, match="bits"):
         fn(torch.randn(1, 128), **{**args, "bits": 9})
+
+
+def test_custom_ops_have_fake_implementations():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    import abqllm.kernels.custom_ops  # noqa: F401  (registers the ops)
+    args = KL.layer_kp_args(make_layer("4", 16, 64, 16, 128))
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        x = torch.empty(2, 3, 128)
+        for op in (torch.ops.abqllm.kp_gemv, torch.ops.abqllm.kp_gemm):
+            y = op(x, args["qweight_t"], args["scales_t"], args["zeros_t"], None, None, None, 128, 4, 64, 16, False)
+            assert y.shape == (2, 3, 16)

@@ -7,40 +7,19 @@ Every case draws fresh random inputs (never zeros) and poisons the output buffer
 """
 import importlib.util
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from tests.kernels.helpers import run_in_interpreter
+
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-REPO = Path(__file__).resolve().parents[2]
-
-
-def _interpreter_broken() -> str | None:
-    """Triton <= 3.6's interpreter turns 1-element arrays into Python ints, which numpy >= 2.4 refuses."""
-    import numpy
-    from importlib.metadata import version
-
-    def ver(s):
-        return tuple(int(p) for p in s.split(".")[:2] if p.isdigit())
-
-    if ver(version("triton")) < (3, 7) and ver(numpy.__version__) >= (2, 4):
-        return f"triton {version('triton')} interpreter fails with numpy {numpy.__version__} (triton issue 9171): use triton>=3.7"
-    return None
 
 
 if not INTERPRETED:
     def test_in_interpreter():
-        if importlib.util.find_spec("triton") is None:
-            pytest.skip("triton is not installed")
-        if (why := _interpreter_broken()):
-            pytest.skip(why)
-        env = {**os.environ, "TRITON_INTERPRET": "1"}
-        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__))],
-                              cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-        assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+        run_in_interpreter(str(Path(__file__)))
 
     # The interpreter accepts code that the compiler rejects (it rewrites assignments and has no constexpr
     # typing), so a few launches are also compiled for sm_90 here, without a GPU (Triton ships ptxas).

@@ -8,6 +8,8 @@ Supported names (registered in abqllm/methods/__init__.py):
     abq+gptq           ABQ's trained transforms and compensation folded, then GPTQ rounding with
                        ABQ's learned clipping ranges as fixed scales and zero points, and GPTQ's
                        asymmetric calibration (asym=0.25 unless given; COMPOSED_DEFAULTS)
+With tune_epochs > 0 (abq+gptq, awq+gptq, smoothquant+gptq), the codes are then kept and the scales and norm
+weights trained block-wise against the float block (methods/block_tuning.py).
 The transform always comes first and the rounding last (gptq+awq makes no sense: GPTQ's output is
 already rounded). smoothquant+awq is not offered: both are scalings of the same channels.
 
@@ -30,6 +32,7 @@ import torch
 from abqllm.calib.runner import BlockContext
 from abqllm.methods.abq import ABQ
 from abqllm.methods.awq import AWQ
+from abqllm.methods.block_tuning import BlockTuning, apply_tuned
 from abqllm.methods.gptq import GPTQ
 from abqllm.methods.rtn import RTN
 from abqllm.methods.smoothquant import SmoothQuant
@@ -50,6 +53,7 @@ class Composed:
     name: str
     transform: SmoothQuant | AWQ | ABQ
     rounding: RTN | GPTQ
+    tuning: BlockTuning = BlockTuning()
 
     @property
     def needs_attention_maps(self) -> bool:
@@ -60,7 +64,7 @@ class Composed:
 
     def settings(self) -> dict:
         return {"transform": self.transform.name, **self.transform.settings(),
-                "rounding": self.rounding.name, **self.rounding.settings()}
+                "rounding": self.rounding.name, **self.rounding.settings(), **self.tuning.settings()}
 
     def calibrate(self, ctx: BlockContext) -> dict[str, torch.Tensor]:
         found = self.transform.search(ctx)
@@ -70,11 +74,16 @@ class Composed:
         self.transform.fold(work, ctx, found)
         inner = dataclasses.replace(ctx, block=work, linears={n: work.get_submodule(n) for n in ctx.linears})
         if hasattr(self.transform, "qparams"):  # learned ranges (abq): the rounding keeps them
-            return {**found, **self.rounding.calibrate(inner, qparams=self.transform.qparams(work, inner, found))}
-        return {**found, **self.rounding.calibrate(inner)}
+            rounded = self.rounding.calibrate(inner, qparams=self.transform.qparams(work, inner, found))
+        else:
+            rounded = self.rounding.calibrate(inner)
+        if self.tuning.enabled:
+            rounded.update(self.tuning.tune(ctx, inner, rounded))
+        return {**found, **rounded}
 
     def apply(self, ctx: BlockContext, result: dict[str, torch.Tensor]) -> dict[str, QuantLinear]:
         self.transform.fold(ctx.block, ctx, result)
+        apply_tuned(ctx.block, result)  # tuned norm weights, if any
         return self.rounding.apply(ctx, result)  # ctx.linears are the block's, now transformed
 
 
@@ -84,13 +93,15 @@ def composed(name: str):
     t_cls, r_cls = TRANSFORMS[transform_name], ROUNDINGS[rounding_name or "rtn"]
 
     def build(**options) -> Composed:
-        fields = {cls: {f.name for f in dataclasses.fields(cls)} - {"name"} for cls in (t_cls, r_cls)}
-        unknown = sorted(set(options) - fields[t_cls] - fields[r_cls])
+        classes = (t_cls, r_cls, BlockTuning) if r_cls is GPTQ else (t_cls, r_cls)
+        fields = {cls: {f.name for f in dataclasses.fields(cls)} - {"name"} for cls in classes}
+        known = set().union(*fields.values())
+        unknown = sorted(set(options) - known)
         if unknown:
             raise TypeError(f"unexpected option(s) {', '.join(unknown)}; {name} takes "
-                            f"{', '.join(sorted(fields[t_cls] | fields[r_cls])) or 'none'}")
+                            f"{', '.join(sorted(known)) or 'none'}")
         options = {**COMPOSED_DEFAULTS.get(name, {}), **options}
-        parts = [cls(**{k: v for k, v in options.items() if k in fields[cls]}) for cls in (t_cls, r_cls)]
+        parts = [cls(**{k: v for k, v in options.items() if k in fields[cls]}) for cls in classes]
         return Composed(name, *parts)
 
     build.presets = getattr(t_cls, "presets", {})  # abq+gptq takes abq's presets

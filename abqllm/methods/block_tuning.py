@@ -1,0 +1,144 @@
+"""Block tuning after rounding: with every linear's integer codes and zero points fixed, train the block's
+float quantities (each linear's group scales, and the block's norm weights) against the float block's
+outputs, with ABQ's MSE + cosine loss on both streams.
+
+Why: GPTQ chooses each scale before rounding (from ABQ's learned clip) and never looks at the block as a
+whole; per-layer scale refitting (gptq refit) moved nothing at 2 bits (W2*A16+had 66.88 -> 67.09). Once
+the codes are known, the scales and norms are a small set of continuous parameters whose effect on the
+block output is differentiable, so they can absorb part of the rounding error of all linears together
+(the idea of EfficientQAT's step-size training, done here block by block on the calibration windows).
+
+Both are parametrised multiplicatively (s = s0 exp(theta), g = g0 exp(phi), theta = phi = 0 at the start),
+so one learning rate suits scales of any size and a norm weight never changes sign. The tuned block is kept
+only if its loss over all calibration windows is lower than before tuning. Scales are stored on the float16
+grid of the format; activation ranges measured for static activation quantization would go stale when a
+norm moves, so norms stay fixed there.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+from torch.func import functional_call
+
+from abqllm.calib.runner import BlockContext
+from abqllm.errors import AbqError
+from abqllm.methods import abq_math as M
+from abqllm.methods.abq import _act_quant  # the one straight-through activation fake quant
+from abqllm.quant import primitives as P
+
+log = logging.getLogger(__name__)
+
+TUNED = "tuned."  # result key prefix of a tuned float parameter of the block (e.g. tuned.input_layernorm.weight)
+
+
+@dataclass(frozen=True)
+class BlockTuning:
+    tune_epochs: int = 0      # passes over the calibration windows; 0: off
+    tune_lr: float = 1e-3     # Adam step on log-scales / log-norm-weights (about 0.1% per step)
+    tune_norms: bool = True   # also tune the block's 1-D weights (norms)
+    tune_batch: int = 4       # windows per step
+
+    def __post_init__(self):
+        if isinstance(self.tune_epochs, bool) or not isinstance(self.tune_epochs, int) or self.tune_epochs < 0:
+            raise AbqError(f"tune_epochs must be a whole number >= 0 (0: off), got {self.tune_epochs!r}")
+        if not isinstance(self.tune_lr, (int, float)) or isinstance(self.tune_lr, bool) or not self.tune_lr > 0:
+            raise AbqError(f"tune_lr must be a positive number, got {self.tune_lr!r}")
+        if isinstance(self.tune_batch, bool) or not isinstance(self.tune_batch, int) or self.tune_batch < 1:
+            raise AbqError(f"tune_batch must be a whole number >= 1, got {self.tune_batch!r}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.tune_epochs > 0
+
+    def settings(self) -> dict:
+        # absent while off, so artifacts made before tuning existed keep their keys
+        if not self.enabled:
+            return {}
+        return {"tune_epochs": self.tune_epochs, "tune_lr": self.tune_lr, "tune_norms": self.tune_norms,
+                "tune_batch": self.tune_batch}
+
+    def tune(self, float_ctx: BlockContext, work_ctx: BlockContext, result: dict[str, torch.Tensor]
+             ) -> dict[str, torch.Tensor]:
+        """New "<linear>.scale" entries and "tuned.<param>" entries for `result` (codes/scale/zero per linear).
+
+        `float_ctx.block` is the untouched float block (the targets); `work_ctx.block` the same block with the
+        transform folded in, whose linears the codes belong to.
+        """
+        missing = [n for n in work_ctx.linears if f"{n}.codes" not in result]
+        if missing:
+            raise AbqError(f"block tuning needs codes from the rounding step (gptq); none for {', '.join(missing)}")
+        dev = work_ctx.device
+        block = work_ctx.block
+        gs = work_ctx.spec.weight.group_size
+        with torch.no_grad():
+            t1 = float_ctx.run(float_ctx.block, float_ctx.x_fp)
+            t2 = float_ctx.run(float_ctx.block, float_ctx.x_q)
+        base = {n: p.detach() for n, p in block.named_parameters()}
+        centred, scale0, theta = {}, {}, {}
+        for n, lin in work_ctx.linears.items():
+            k = lin.weight.shape[1]
+            codes, zero = result[f"{n}.codes"].to(dev), result[f"{n}.zero"].to(dev)
+            centred[n] = codes.float() - P.expand_groups(zero.float(), k, gs)
+            scale0[n] = result[f"{n}.scale"].to(dev).float()
+            theta[n] = torch.zeros_like(scale0[n], requires_grad=True)
+        static_act = any(f"{n}.act_range" in result for n in work_ctx.linears)
+        linear_weights = {f"{n}.weight" for n in work_ctx.linears}
+        norms = {} if not self.tune_norms or static_act else {
+            name: torch.zeros_like(p, requires_grad=True) for name, p in base.items()
+            if p.dim() == 1 and name.endswith("weight") and name not in linear_weights}
+
+        def params():
+            out = dict(base)
+            for n in centred:
+                s = scale0[n] * theta[n].exp()
+                out[f"{n}.weight"] = (centred[n] * P.expand_groups(s, centred[n].shape[1], gs)).to(base[f"{n}.weight"].dtype)
+            for name, phi in norms.items():
+                out[name] = base[name] * phi.exp()
+            return out
+
+        def loss_on(idx):
+            with _act_quant(work_ctx):
+                out = functional_call(block, params(), (work_ctx.x_q[idx].to(dev),), work_ctx.kwargs)
+            y = out[0] if isinstance(out, (tuple, list)) else out
+            return M.abq_loss(y, t1[idx].to(dev), t2[idx].to(dev), None, None, True, True, False)[0]
+
+        def total_loss():
+            n = work_ctx.x_q.shape[0]
+            with torch.no_grad():
+                return sum(loss_on(idx).item() * len(idx) for idx in torch.arange(n).split(self.tune_batch)) / n
+
+        t0 = time.perf_counter()
+        before = total_loss()
+        opt = torch.optim.Adam([*theta.values(), *norms.values()], lr=self.tune_lr)
+        for _ in range(self.tune_epochs):
+            for idx in torch.randperm(work_ctx.x_q.shape[0]).split(self.tune_batch):
+                loss = loss_on(idx)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+        with torch.no_grad():  # what the format will hold: scales on the float16 grid
+            for n in theta:
+                stored = (scale0[n] * theta[n].exp()).half().float()
+                theta[n].copy_(torch.where(scale0[n] > 0, (stored / scale0[n]).log(), torch.zeros_like(stored)))
+        after = total_loss()
+        log.info("block %d: tuning loss %.5g -> %.5g in %.1f s", work_ctx.index, before, after,
+                 time.perf_counter() - t0)
+        if not after < before:
+            return {}
+        with torch.no_grad():
+            out = {f"{n}.scale": (scale0[n] * theta[n].exp()).half().float().cpu() for n in theta}
+            out.update({TUNED + name: (base[name] * phi.exp()).cpu() for name, phi in norms.items()})
+        return out
+
+
+@torch.no_grad()
+def apply_tuned(block: torch.nn.Module, result: dict[str, torch.Tensor]) -> None:
+    """Write the tuned float parameters of `result` into `block`."""
+    for key, value in result.items():
+        if key.startswith(TUNED):
+            p = block.get_parameter(key[len(TUNED):])
+            p.copy_(value.to(p.device, p.dtype))

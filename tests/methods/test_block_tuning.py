@@ -1,0 +1,100 @@
+"""Block tuning after rounding (methods/block_tuning.py): codes fixed, scales and norms trained."""
+import copy
+import dataclasses
+
+import pytest
+import torch
+
+import abqllm
+from abqllm.methods import get_method
+from abqllm.methods.block_tuning import TUNED, BlockTuning, apply_tuned
+from abqllm.methods.gptq import GPTQ
+from abqllm.nn.qlinear import QuantLinear
+from tests.methods.test_abq import _ctx
+from tests.tiny import make_tiny_llama
+
+
+def _rounded(scheme="W2*A16", n=8):
+    """A context, a working copy of its block and GPTQ's codes/scales/zeros for it."""
+    model, _ = make_tiny_llama()
+    ctx = _ctx(model, scheme, n=n)
+    work = copy.deepcopy(ctx.block)
+    inner = dataclasses.replace(ctx, block=work, linears={k: work.get_submodule(k) for k in ctx.linears})
+    return ctx, inner, GPTQ().calibrate(inner)
+
+
+@pytest.mark.parametrize("scheme", ["W2*A16", "W3A8g32"])
+def test_tuning_lowers_the_block_loss_and_keeps_the_codes(scheme):
+    ctx, inner, result = _rounded(scheme)
+    tuned = BlockTuning(tune_epochs=4, tune_lr=1e-2, tune_batch=2).tune(ctx, inner, result)
+    scales = {k for k in tuned if k.endswith(".scale")}
+    assert scales == {f"{n}.scale" for n in ctx.linears}
+    assert not any(k.endswith(".codes") or k.endswith(".zero") for k in tuned)
+    norms = [k for k in tuned if k.startswith(TUNED)]
+    assert norms and all(k.endswith("norm.weight") for k in norms)
+    assert any(not torch.equal(tuned[k], result[k]) for k in scales)
+    for k in scales:  # stored on the format's float16 grid, positive
+        assert torch.equal(tuned[k], tuned[k].half().float()) and (tuned[k] > 0).all()
+
+    def block_mse(res):
+        layers = GPTQ().apply(inner, res)
+        block = copy.deepcopy(inner.block)
+        apply_tuned(block, res)
+        for name, q in layers.items():
+            block.set_submodule(name, q)
+        return (ctx.run(block, ctx.x_q) - ctx.run(ctx.block, ctx.x_fp)).pow(2).mean()
+
+    assert block_mse({**result, **tuned}) < block_mse(result)
+
+
+def test_tuning_that_does_not_help_is_dropped():
+    ctx, inner, result = _rounded()
+    # a step so large the first update overshoots: the tuned block is worse and nothing is returned
+    assert BlockTuning(tune_epochs=1, tune_lr=5.0, tune_batch=8).tune(ctx, inner, result) == {}
+
+
+def test_tuning_without_codes_is_a_clear_error():
+    ctx, inner, result = _rounded()
+    with pytest.raises(abqllm.AbqError, match="needs codes"):
+        BlockTuning(tune_epochs=1).tune(ctx, inner, {k: v for k, v in result.items() if not k.endswith(".codes")})
+
+
+def test_norms_stay_fixed_when_asked_or_with_static_activation_ranges():
+    ctx, inner, result = _rounded()
+    tuned = BlockTuning(tune_epochs=1, tune_norms=False).tune(ctx, inner, result)
+    assert tuned and not any(k.startswith(TUNED) for k in tuned)
+    ranged = {**result, **{f"{n}.act_range": torch.tensor([-1.0, 1.0]) for n in ctx.linears}}
+    tuned = BlockTuning(tune_epochs=1).tune(ctx, inner, ranged)
+    assert not any(k.startswith(TUNED) for k in tuned)
+
+
+@pytest.mark.parametrize("bad, match", [({"tune_epochs": -1}, "tune_epochs"), ({"tune_epochs": 1.5}, "tune_epochs"),
+                                        ({"tune_lr": 0}, "tune_lr"), ({"tune_batch": 0}, "tune_batch")])
+def test_bad_options_are_clear_errors(bad, match):
+    with pytest.raises(abqllm.AbqError, match=match):
+        get_method("abq+gptq", **bad)
+
+
+def test_options_reach_the_composition_and_only_gptq_rounding_takes_them():
+    m = get_method("abq+gptq", tune_epochs=2, tune_lr=3e-3)
+    assert m.tuning.enabled and m.settings()["tune_epochs"] == 2 and m.settings()["tune_lr"] == 3e-3
+    assert "tune_epochs" not in get_method("abq+gptq").settings()  # off: old artifacts keep their keys
+    with pytest.raises(abqllm.AbqError, match="unexpected option.*tune_epochs"):
+        get_method("awq", tune_epochs=2)  # round-to-nearest: no codes to keep
+
+
+def test_abq_gptq_with_tuning_quantizes_a_model_end_to_end():
+    model, _ = make_tiny_llama()
+    ids = torch.randint(0, 300, (8, 32), generator=torch.Generator().manual_seed(1))
+    ref_model, _ = make_tiny_llama()
+    with torch.no_grad():
+        ref = ref_model(ids).logits
+    norms_before = {n: p.detach().clone() for n, p in model.named_parameters() if n.endswith("norm.weight")}
+    abqllm.quantize(model, "W3A16g32", method="abq+gptq", calib_ids=ids, progress=False, epochs=1, batch_size=2,
+                    tune_epochs=2, tune_batch=2)
+    assert sum(isinstance(m, QuantLinear) for m in model.modules()) == 14
+    changed = [n for n, p in model.named_parameters() if n in norms_before and not torch.equal(p, norms_before[n])]
+    assert changed  # the tuned norm weights reached the model
+    with torch.no_grad():
+        out = model(ids).logits
+    assert torch.isfinite(out).all() and (out - ref).pow(2).mean() < 0.1 * ref.pow(2).mean()

@@ -154,6 +154,28 @@ class KpGemmConfig:
     num_warps: int = 4
     num_stages: int = 3
     group_m: int = 8
+    split_k: int = 0  # 0: automatic (kp_gemm_plan), 1: off
+
+
+# Split-K for kp_gemm: aim at this many programs per SM when the M x N tiles alone are fewer than the SMs, and
+# give each split at least MIN_STEPS K steps (the workspace round trip must stay small beside the streamed words).
+GEMM_PROGRAMS_PER_SM = 2
+GEMM_MIN_STEPS = 4
+
+
+def kp_gemm_plan(m: int, n: int, nw: int, bkw: int, cfg: KpGemmConfig, sms: int) -> tuple[int, int, int]:
+    """(tiles, split, steps_per_split) for kp_gemm_kernel: splits are runs of whole K steps, none empty. A decode
+    batch (M = 16 at N = K = 8192: 64 tiles of 16 x 128 on 132 SMs) gets split-K; prefill tiles fill the GPU."""
+    tiles = -(-m // cfg.bm) * -(-n // cfg.bn)
+    steps = -(-nw // bkw)
+    if cfg.split_k:
+        split = cfg.split_k
+    elif tiles >= sms:
+        split = 1
+    else:
+        split = min(-(-GEMM_PROGRAMS_PER_SM * sms // tiles), max(1, steps // GEMM_MIN_STEPS))
+    per = -(-steps // max(1, min(split, steps)))
+    return tiles, -(-steps // per), per
 
 
 def _per_p(bits: int) -> int:
@@ -174,11 +196,13 @@ def default_kp_gemm_config(m: int, interpret: bool) -> KpGemmConfig:
     """Untimed (no GPU run has measured kp_gemm yet); the interpreter gets small tiles."""
     if interpret:
         return KpGemmConfig(bm=16, bn=32, num_warps=4, num_stages=1)
+    if m <= 32:  # decode batches: the smallest M tile the tensor cores take, split-K for the rest of the GPU
+        return KpGemmConfig(bm=16 if m <= 16 else 32, bn=128, num_warps=4)
     return KpGemmConfig(bm=64 if m <= 64 else 128, bn=128, num_warps=4 if m <= 64 else 8)
 
 
 def kp_gemm_constexprs(bits: int, group_size: int, k: int, act_bits: int, act_symmetric: bool, has_bias: bool,
-                       x_dtype: torch.dtype, cfg: KpGemmConfig, interpret: bool) -> dict:
+                       x_dtype: torch.dtype, cfg: KpGemmConfig, interpret: bool, split: int = 1) -> dict:
     """The compile-time parameters of kp_gemm_kernel (shared by kp_gemm and aot_compile_kp_gemm)."""
     from abqllm.kernels.triton_linear import act_center_exact
     int_path = act_bits != 16
@@ -192,7 +216,7 @@ def kp_gemm_constexprs(bits: int, group_size: int, k: int, act_bits: int, act_sy
     return dict(BITS=bits, PER=KP.codes_per_word(bits), PER_P=_per_p(bits), WPG=wpg if group_size else 0,
                 GROUPED=group_size > 0, INT_PATH=int_path,
                 A_OFFSET=int_path and not act_center_exact(act_bits, act_symmetric), HAS_BIAS=has_bias, BM=cfg.bm,
-                BN=cfg.bn, BKW=bkw, GROUP_M=cfg.group_m, DOT_F32=dot_f32)
+                BN=cfg.bn, BKW=bkw, GROUP_M=cfg.group_m, DOT_F32=dot_f32, ATOMIC=split > 1)
 
 
 def kp_gemm(x: torch.Tensor, qweight_t: torch.Tensor, scales_t: torch.Tensor, zeros_t: torch.Tensor,
@@ -207,13 +231,18 @@ def kp_gemm(x: torch.Tensor, qweight_t: torch.Tensor, scales_t: torch.Tensor, ze
                                               act_symmetric, act_scale, act_zero, out, "kp_gemm")
     if m == 0:
         return y.reshape(out_shape)
-    k, n = in_features, qweight_t.shape[1]
+    k, n, nw = in_features, qweight_t.shape[1], qweight_t.shape[0]
     interp = interpreting()
     cfg = config or default_kp_gemm_config(m, interp)
-    const = kp_gemm_constexprs(bits, group_size, k, act_bits, act_symmetric, bias is not None, x.dtype, cfg, interp)
-    triton_kpacked.kp_gemm_kernel[(-(-m // cfg.bm) * -(-n // cfg.bn),)](
-        a_in, sx, ax, qweight_t, scales_t, zeros_t, bias if bias is not None else scales_t, y,
-        m, n, k, KP.segment_length(k, group_size), qweight_t.shape[0], a_in.stride(0), y.stride(0),
+    bkw = cfg.bkw or gemm_bkw(bits, group_size, k)
+    sms = 4 if interp else _num_sms(x.device.index or 0)
+    tiles, split, per = kp_gemm_plan(m, n, nw, bkw, cfg, sms)
+    ws, cnt = workspace(x.device, m * n, tiles) if split > 1 else (scales_t, scales_t)
+    const = kp_gemm_constexprs(bits, group_size, k, act_bits, act_symmetric, bias is not None, x.dtype, cfg, interp,
+                               split)
+    triton_kpacked.kp_gemm_kernel[(tiles, split)](
+        a_in, sx, ax, qweight_t, scales_t, zeros_t, bias if bias is not None else scales_t, y, ws, cnt,
+        m, n, k, KP.segment_length(k, group_size), nw, a_in.stride(0), y.stride(0), split, per,
         **const, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return y.reshape(out_shape)
 
@@ -340,11 +369,15 @@ def aot_compile_kp(m: int, n: int, k: int, bits: int, group_size: int, act_bits:
 
 def aot_compile_kp_gemm(m: int, n: int, k: int, bits: int, group_size: int, act_bits: int,
                         act_symmetric: bool = False, has_bias: bool = False, x_dtype: torch.dtype = torch.float16,
-                        config: KpGemmConfig | None = None, arch: int = 90):
+                        config: KpGemmConfig | None = None, sms: int = 132, arch: int = 90):
     """Compile the kp_gemm_kernel launch that kp_gemm would make, for sm_<arch>, without a GPU."""
     from abqllm.kernels import triton_kpacked
     cfg = config or default_kp_gemm_config(m, False)
-    const = kp_gemm_constexprs(bits, group_size, k, act_bits, act_symmetric, has_bias, x_dtype, cfg, False)
-    return _aot_compile(triton_kpacked.kp_gemm_kernel, _aot_pointers(act_bits != 16, x_dtype, has_bias),
-                        ("M", "N", "K", "SEG", "NW", "stride_xm", "stride_ym"), const, cfg.num_warps,
-                        cfg.num_stages, arch)
+    nw = -(-k // KP.segment_length(k, group_size)) * KP.words_per_segment(k, group_size, bits)
+    _, split, _ = kp_gemm_plan(m, n, nw, cfg.bkw or gemm_bkw(bits, group_size, k), cfg, sms)
+    const = kp_gemm_constexprs(bits, group_size, k, act_bits, act_symmetric, has_bias, x_dtype, cfg, False, split)
+    ptr = _aot_pointers(act_bits != 16, x_dtype, has_bias)
+    ptr.update(ws_ptr="*fp32" if split > 1 else "*fp16", cnt_ptr="*i32" if split > 1 else "*fp16")
+    return _aot_compile(triton_kpacked.kp_gemm_kernel, ptr,
+                        ("M", "N", "K", "SEG", "NW", "stride_xm", "stride_ym", "SPLIT", "STEPS_PER_SPLIT"), const,
+                        cfg.num_warps, cfg.num_stages, arch)

@@ -171,15 +171,19 @@ def kp_gemv_kernel(x_ptr, sx_ptr, ax_ptr, qw_ptr, sw_ptr, zw_ptr, bias_ptr, y_pt
 # word w. Both operands are integers exact in the dot's dtype: (code - z_w) in [-255, 255], and x itself (A16)
 # or u - z_x = xq + a (A <= 8, in fp16), so each group's dot is the exact integer sum up to fp32 accumulation
 # rounding, and the scale is applied once per group (per channel: once at the end).
-@triton.jit(do_not_specialize=["M", "N", "K", "SEG", "NW", "stride_xm", "stride_ym"])
-def kp_gemm_kernel(x_ptr, sx_ptr, ax_ptr, qw_ptr, sw_ptr, zw_ptr, bias_ptr, y_ptr,
-                   M, N, K, SEG, NW, stride_xm, stride_ym,
+@triton.jit(do_not_specialize=["M", "N", "K", "SEG", "NW", "stride_xm", "stride_ym", "SPLIT", "STEPS_PER_SPLIT"])
+def kp_gemm_kernel(x_ptr, sx_ptr, ax_ptr, qw_ptr, sw_ptr, zw_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr,
+                   M, N, K, SEG, NW, stride_xm, stride_ym, SPLIT, STEPS_PER_SPLIT,
                    BITS: tl.constexpr, PER: tl.constexpr, PER_P: tl.constexpr, WPG: tl.constexpr,
                    GROUPED: tl.constexpr, INT_PATH: tl.constexpr, A_OFFSET: tl.constexpr, HAS_BIAS: tl.constexpr,
                    BM: tl.constexpr, BN: tl.constexpr, BKW: tl.constexpr, GROUP_M: tl.constexpr,
-                   DOT_F32: tl.constexpr):
-    """GROUPED: BKW divides WPG, so every K tile lies in one group. Per channel (WPG = 0) tiles run freely."""
+                   DOT_F32: tl.constexpr, ATOMIC: tl.constexpr):
+    """GROUPED: BKW divides WPG, so every K tile lies in one group. Per channel (WPG = 0) tiles run freely.
+    Split-K (ATOMIC; decode batches, where M x N tiles alone leave most SMs idle): program (tile, pid_k) takes
+    STEPS_PER_SPLIT K steps of BKW words and meets the others in the float32 workspace as kp_gemv_kernel does
+    (the last one of a tile adds the bias, writes y and leaves workspace and counter zero)."""
     pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
     num_pid_m = tl.cdiv(M, BM)
     num_pid_n = tl.cdiv(N, BN)
     group_id = pid // (GROUP_M * num_pid_n)
@@ -202,7 +206,9 @@ def kp_gemm_kernel(x_ptr, sx_ptr, ax_ptr, qw_ptr, sw_ptr, zw_ptr, bias_ptr, y_pt
     acc = tl.zeros((BM, BN), tl.float32)
     if not GROUPED:
         z = tl.load(zw_ptr + rn, mask=n_ok, other=0).to(tl.float32)
-    for w0 in range(0, NW, BKW):
+    w_lo = pid_k * STEPS_PER_SPLIT * BKW
+    w_hi = tl.minimum(w_lo + STEPS_PER_SPLIT * BKW, NW)
+    for w0 in range(w_lo, w_hi, BKW):
         w = w0 + rw
         words = tl.load(qw_ptr + w[:, None].to(tl.int64) * N + rn[None, :], mask=(w < NW)[:, None] & n_ok[None, :],
                         other=0).to(tl.uint32, bitcast=True)
@@ -245,7 +251,22 @@ def kp_gemm_kernel(x_ptr, sx_ptr, ax_ptr, qw_ptr, sw_ptr, zw_ptr, bias_ptr, y_pt
         acc = acc * tl.load(sw_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     if INT_PATH:
         acc = acc * tl.load(sx_ptr + rm, mask=m_ok, other=0.0)[:, None]
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + rm[:, None].to(tl.int64) * stride_ym + rn[None, :], acc.to(y_ptr.dtype.element_ty),
-             mask=m_ok[:, None] & n_ok[None, :])
+    y_ptrs = y_ptr + rm[:, None].to(tl.int64) * stride_ym + rn[None, :]
+    mn_ok = m_ok[:, None] & n_ok[None, :]
+    if not ATOMIC:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mn_ok)
+    else:
+        ws = ws_ptr + rm[:, None].to(tl.int64) * N + rn[None, :]
+        tl.atomic_add(ws, acc, mask=mn_ok)
+        tl.debug_barrier()  # every thread's partial is in before the tile's one counter increment
+        cnt = cnt_ptr + pid
+        done = tl.atomic_add(cnt, 1)
+        if done == SPLIT - 1:  # the last partial of this tile (see kp_gemv_kernel's epilogue)
+            tot = tl.atomic_add(ws, tl.zeros((BM, BN), tl.float32), mask=mn_ok)
+            tl.store(ws, tl.zeros((BM, BN), tl.float32), mask=mn_ok)
+            if HAS_BIAS:
+                tot += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            tl.store(y_ptrs, tot.to(y_ptr.dtype.element_ty), mask=mn_ok)
+            tl.store(cnt, 0)

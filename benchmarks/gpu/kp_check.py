@@ -249,6 +249,7 @@ def main():
     save()
 
     # ---- small M: where the GEMV stops paying (each row streams the weights again) vs qlinear_kernel's dot path
+    # and kp_gemm (16-row tensor-core tiles with split-K)
     res["small_m"] = []
     n = k = S(4096)
     for scheme in () if args.lean else ("W4A16", "W2A8"):
@@ -262,6 +263,7 @@ def main():
             r = dict(scheme=scheme, m=m)
             r["kp_us"] = timed([lambda L=L, x=x: kp_call(L, x) for L, x in zip(Ls, xs)])
             r["qlinear_us"] = timed([lambda L=L, x=x: TL.qlinear(x, **TL.layer_args(L)) for L, x in zip(Ls, xs)])
+            r["kp_gemm_us"] = timed([lambda L=L, x=x: KL.kp_gemm(x, **KL.layer_kp_args(L)) for L, x in zip(Ls, xs)])
             res["small_m"].append(r)
         del Ls
     log(f"small M: {res['small_m']}")

@@ -104,7 +104,11 @@ if not INTERPRETED:
     def test_gemm_compiles_for_sm90_with_tensor_cores(bits, gs, act, m):
         if importlib.util.find_spec("triton") is None:
             pytest.skip("triton is not installed")
-        assert "wgmma.mma_async" in KL.aot_compile_kp_gemm(m, 4096, 4096, bits, gs, act, arch=90).asm["ptx"]
+        ptx = KL.aot_compile_kp_gemm(m, 4096, 4096, bits, gs, act, arch=90).asm["ptx"]
+        if m >= 64:
+            assert "wgmma.mma_async" in ptx  # Hopper's warpgroup MMA
+        else:  # 16-row tiles take the warp-level MMA, and split-K meets in the workspace
+            assert "mma.sync.aligned" in ptx and "atom.global" in ptx
 
 
 CASES = [
@@ -164,20 +168,37 @@ GEMM_CASES = [
     ("6", 6, 64, 384, 2, torch.bfloat16, False, False),
     ("1", 16, 128, 1024, 2, torch.bfloat16, False, False),
     ("4", 8, 64, 640, 20, torch.float16, True, False),
+    # split-K (decode batches): explicit splits, ragged last split, per channel, bias added once
+    ("4", 16, 128, 1024, 4, torch.float16, True, False, KL.KpGemmConfig(bm=16, bn=32, num_stages=1, split_k=3)),
+    ("3", 8, 0, 1000, 2, torch.float16, True, False, KL.KpGemmConfig(bm=16, bn=64, num_stages=1, split_k=5)),
+    ("2", 16, 64, 640, 17, torch.bfloat16, False, False, KL.KpGemmConfig(bm=16, bn=32, num_stages=1, split_k=1)),
 ]
+
+
+def test_gemm_split_plan_covers_every_step_once():
+    for nw, bkw, tiles_n, split_k in [(1024, 8, 64, 0), (1024, 8, 200, 0), (13, 1, 1, 0), (7, 2, 2, 5), (100, 8, 1, 1)]:
+        cfg = KL.KpGemmConfig(bm=16, bn=128, split_k=split_k)
+        tiles, split, per = KL.kp_gemm_plan(16, 128 * tiles_n, nw, bkw, cfg, sms=132)
+        steps = -(-nw // bkw)
+        assert tiles == tiles_n and (split - 1) * per < steps <= split * per  # no empty split, none missing
+        if not split_k:
+            assert split == 1 if tiles >= 132 else split > 1 or steps < 2 * KL.GEMM_MIN_STEPS
+            assert split == 1 or per >= KL.GEMM_MIN_STEPS
 
 
 @pytest.mark.parametrize("case", GEMM_CASES, ids=lambda c: f"W{c[0]}A{c[1]}g{c[2]}k{c[3]}m{c[4]}")
 def test_gemm_kernel_matches_reference(case):
     if not INTERPRETED:
         pytest.skip("runs in the interpreter child (test_in_interpreter)")
-    w, a, gs, k, m, dtype, bias, sym = case
+    w, a, gs, k, m, dtype, bias, sym, *cfg = case
     layer = make_layer(w, a, gs, 72, k, bias=bias, sym_act=sym, seed=k + m)
     x = (torch.randn(m, k) * 2 + 0.3).to(dtype)
     ref = linear_reference(layer, x.double())
     y = torch.full((m, 72), float("nan"), dtype=dtype)
-    KL.kp_gemm(x, **KL.layer_kp_args(layer), out=y)
+    KL.kp_gemm(x, **KL.layer_kp_args(layer), config=cfg[0] if cfg else None, out=y)
     check_close(y, ref, dtype)
+    ws, cnt = KL._WORKSPACE.get(torch.device("cpu"), (torch.zeros(1), torch.zeros(1)))
+    assert not ws.any() and not cnt.any(), "split-K workspace not left zero"
 
 
 # ---- on a GPU -------------------------------------------------------------------------------------

@@ -74,8 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--method", default="rtn", help="calibration method: rtn, abq, gptq, awq, smoothquant, ...")
     q.add_argument("--preset", default=None,
                    help="abq: cpu (minutes on 2 cores), cpu-large (4x the data and time) or paper / paper-long "
-                        "(ABQ-LLM recipe, for GPUs); "
-                        "default cpu on a CPU, paper on a GPU")
+                        "(ABQ-LLM recipe, for GPUs); abq+gptq also cpu-large-tuned (cpu-large plus block tuning, "
+                        "for 2 bits); default cpu on a CPU, paper on a GPU")
     q.add_argument("--method-opt", action="append", default=[], metavar="KEY=VALUE",
                    help="method option, repeatable, e.g. --method-opt epochs=4 --method-opt use_attn=false")
     q.add_argument("--artifacts", default=None,
@@ -142,7 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--configs", default="W8A8,W4A16,W4A8,W3A16,W2*A16,W4A4",
                    help="comma-separated schemes: W8A8, W4A16g64, W2*A16 ... (default W8A8,W4A16,W4A8,W3A16,W2*A16,W4A4)")
     w.add_argument("--method", default="abq", help="calibration method: rtn, abq, gptq, ... (default abq)")
-    w.add_argument("--preset", default=None, help="abq: cpu, cpu-large, paper or paper-long (default: cpu on a CPU, paper on a GPU)")
+    w.add_argument("--preset", default=None, help="abq: cpu, cpu-large, paper or paper-long; abq+gptq also cpu-large-tuned "
+                                                        "(default: cpu on a CPU, paper on a GPU)")
     w.add_argument("--method-opt", action="append", default=[], metavar="KEY=VALUE", help="method option, repeatable")
     _data_args(w)
     w.add_argument("--calib-samples", type=int, default=None, help="calibration windows (default: per method/preset)")

@@ -83,6 +83,16 @@ def test_options_reach_the_composition_and_only_gptq_rounding_takes_them():
         get_method("awq", tune_epochs=2)  # round-to-nearest: no codes to keep
 
 
+def test_tuned_preset_is_cpu_large_plus_tuning_for_gptq_compositions_only():
+    from abqllm.methods import resolve_preset
+    options, data, name = resolve_preset("abq+gptq", "cpu-large-tuned", "cpu")
+    base, base_data, _ = resolve_preset("abq+gptq", "cpu-large", "cpu")
+    assert name == "cpu-large-tuned" and data == base_data == (64, 256)
+    assert options == {**base, "tune_epochs": 4, "tune_lr": 1e-2} and get_method("abq+gptq", **options).tuning.enabled
+    with pytest.raises(abqllm.AbqError, match="unknown preset"):
+        resolve_preset("abq", "cpu-large-tuned", "cpu")  # plain abq rounds to nearest: nothing to tune
+
+
 def test_abq_gptq_with_tuning_quantizes_a_model_end_to_end():
     model, _ = make_tiny_llama()
     ids = torch.randint(0, 300, (8, 32), generator=torch.Generator().manual_seed(1))

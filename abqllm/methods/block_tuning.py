@@ -41,6 +41,8 @@ class BlockTuning:
     tune_lr: float = 1e-3     # Adam step on log-scales / log-norm-weights (about 0.1% per step)
     tune_norms: bool = True   # also tune the block's 1-D weights (norms)
     tune_batch: int = 4       # windows per step
+    tune_holdout: float = 0.0  # fraction of the windows held out: train on the rest, keep the epoch (0 = none) with the
+                               # lowest loss on the held-out ones; 0: train on all, keep the end if it lowered their loss
 
     def __post_init__(self):
         if isinstance(self.tune_epochs, bool) or not isinstance(self.tune_epochs, int) or self.tune_epochs < 0:
@@ -49,6 +51,9 @@ class BlockTuning:
             raise AbqError(f"tune_lr must be a positive number, got {self.tune_lr!r}")
         if isinstance(self.tune_batch, bool) or not isinstance(self.tune_batch, int) or self.tune_batch < 1:
             raise AbqError(f"tune_batch must be a whole number >= 1, got {self.tune_batch!r}")
+        if isinstance(self.tune_holdout, bool) or not isinstance(self.tune_holdout, (int, float)) \
+                or not 0.0 <= self.tune_holdout < 1.0:
+            raise AbqError(f"tune_holdout must be a fraction in [0, 1) (0: none), got {self.tune_holdout!r}")
 
     @property
     def enabled(self) -> bool:
@@ -58,8 +63,11 @@ class BlockTuning:
         # absent while off, so artifacts made before tuning existed keep their keys
         if not self.enabled:
             return {}
-        return {"tune_epochs": self.tune_epochs, "tune_lr": self.tune_lr, "tune_norms": self.tune_norms,
-                "tune_batch": self.tune_batch}
+        out = {"tune_epochs": self.tune_epochs, "tune_lr": self.tune_lr, "tune_norms": self.tune_norms,
+               "tune_batch": self.tune_batch}
+        if self.tune_holdout:
+            out["tune_holdout"] = self.tune_holdout
+        return out
 
     def tune(self, float_ctx: BlockContext, work_ctx: BlockContext, result: dict[str, torch.Tensor]
              ) -> dict[str, torch.Tensor]:
@@ -106,29 +114,55 @@ class BlockTuning:
             y = out[0] if isinstance(out, (tuple, list)) else out
             return M.abq_loss(y, t1[idx].to(dev), t2[idx].to(dev), None, None, True, True, False)[0]
 
-        def total_loss():
-            n = work_ctx.x_q.shape[0]
+        def total_loss(windows):
             with torch.no_grad():
-                return sum(loss_on(idx).item() * len(idx) for idx in torch.arange(n).split(self.tune_batch)) / n
+                return sum(loss_on(idx).item() * len(idx) for idx in windows.split(self.tune_batch)) / len(windows)
 
+        def snapshot():  # what the format will hold: scales on the float16 grid
+            out = {}
+            for n in theta:
+                stored = (scale0[n] * theta[n].exp()).half().float()
+                out[n] = torch.where(scale0[n] > 0, (stored / scale0[n]).log(), torch.zeros_like(stored))
+            return out, {name: phi.detach().clone() for name, phi in norms.items()}
+
+        def restore(snap):
+            with torch.no_grad():
+                for n, t in snap[0].items():
+                    theta[n].copy_(t)
+                for name, t in snap[1].items():
+                    norms[name].copy_(t)
+
+        n_win = work_ctx.x_q.shape[0]
+        held = min(n_win - 1, round(n_win * self.tune_holdout)) if self.tune_holdout else 0
+        if held:
+            order = torch.randperm(n_win)
+            judge, train = order[:held], order[held:]
+        else:  # (no draw here: runs without a hold-out keep the shuffles they were measured with)
+            judge = train = torch.arange(n_win)
         t0 = time.perf_counter()
-        before = total_loss()
+        before = best = total_loss(judge)
+        best_snap, best_epoch = snapshot(), 0
         opt = torch.optim.Adam([*theta.values(), *norms.values()], lr=self.tune_lr)
-        for _ in range(self.tune_epochs):
-            for idx in torch.randperm(work_ctx.x_q.shape[0]).split(self.tune_batch):
+        for epoch in range(1, self.tune_epochs + 1):
+            for idx in train[torch.randperm(len(train))].split(self.tune_batch):
                 loss = loss_on(idx)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-        with torch.no_grad():  # what the format will hold: scales on the float16 grid
-            for n in theta:
-                stored = (scale0[n] * theta[n].exp()).half().float()
-                theta[n].copy_(torch.where(scale0[n] > 0, (stored / scale0[n]).log(), torch.zeros_like(stored)))
-        after = total_loss()
-        log.info("block %d: tuning loss %.5g -> %.5g in %.1f s", work_ctx.index, before, after,
+            if held or epoch == self.tune_epochs:  # held out: the best epoch on unseen windows; else the last
+                raw = ({n: t.detach().clone() for n, t in theta.items()}, {})
+                snap = snapshot()
+                restore(snap)  # judged as stored (fp16 scales)
+                cur = total_loss(judge)
+                if cur < best:
+                    best, best_snap, best_epoch = cur, snap, epoch
+                restore(raw)  # training goes on from the unrounded scales
+        log.info("block %d: tuning loss (%s) %.5g -> %.5g, epoch %d of %d, in %.1f s", work_ctx.index,
+                 "held-out" if held else "calibration", before, best, best_epoch, self.tune_epochs,
                  time.perf_counter() - t0)
-        if not after < before:
+        if best_epoch == 0:
             return {}
+        restore(best_snap)
         with torch.no_grad():
             out = {f"{n}.scale": (scale0[n] * theta[n].exp()).half().float().cpu() for n in theta}
             out.update({TUNED + name: (base[name] * phi.exp()).cpu() for name, phi in norms.items()})

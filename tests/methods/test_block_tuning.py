@@ -53,6 +53,19 @@ def test_tuning_that_does_not_help_is_dropped():
     assert BlockTuning(tune_epochs=1, tune_lr=5.0, tune_batch=8).tune(ctx, inner, result) == {}
 
 
+def test_held_out_windows_pick_the_epoch():
+    ctx, inner, result = _rounded(n=8)
+    torch.manual_seed(0)
+    tuned = BlockTuning(tune_epochs=3, tune_lr=1e-2, tune_batch=2, tune_holdout=0.25).tune(ctx, inner, result)
+    assert {k for k in tuned if k.endswith(".scale")} == {f"{n}.scale" for n in ctx.linears}
+    for k in tuned:
+        if k.endswith(".scale"):
+            assert torch.equal(tuned[k], tuned[k].half().float())
+    # a step so large every epoch is worse on the held-out windows: nothing is kept
+    torch.manual_seed(0)
+    assert BlockTuning(tune_epochs=2, tune_lr=5.0, tune_batch=2, tune_holdout=0.25).tune(ctx, inner, result) == {}
+
+
 def test_tuning_without_codes_is_a_clear_error():
     ctx, inner, result = _rounded()
     with pytest.raises(abqllm.AbqError, match="needs codes"):
@@ -69,7 +82,8 @@ def test_norms_stay_fixed_when_asked_or_with_static_activation_ranges():
 
 
 @pytest.mark.parametrize("bad, match", [({"tune_epochs": -1}, "tune_epochs"), ({"tune_epochs": 1.5}, "tune_epochs"),
-                                        ({"tune_lr": 0}, "tune_lr"), ({"tune_batch": 0}, "tune_batch")])
+                                        ({"tune_lr": 0}, "tune_lr"), ({"tune_batch": 0}, "tune_batch"),
+                                        ({"tune_holdout": 1.0}, "tune_holdout")])
 def test_bad_options_are_clear_errors(bad, match):
     with pytest.raises(abqllm.AbqError, match=match):
         get_method("abq+gptq", **bad)

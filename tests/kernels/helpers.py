@@ -16,17 +16,19 @@ REPO = Path(__file__).resolve().parents[2]
 TOL = {torch.float16: (2.0 ** -10, 1e-4), torch.bfloat16: (2.0 ** -7, 1e-3), torch.float32: (2e-6, 2e-6)}
 
 
-def make_layer(w, a, gs, n, k, *, bias=False, sym_act=False, seed=0):
-    """W`w`A`a` (w like "4" or "2*" for balanced), group `gs`, quantized on the CPU."""
+def make_layer(w, a, gs, n, k, *, bias=False, sym_act=False, static=False, seed=0):
+    """W`w`A`a` (w like 4, "4" or "2*" for balanced), group `gs`, quantized on the CPU; `static`: a fixed
+    activation range (-3, 4) instead of per-token ranges."""
+    w = str(w)
     spec = LayerSpec(WeightSpec(int(w.rstrip("*")), balanced=w.endswith("*"), group_size=gs),
-                     ActSpec(a, symmetric=sym_act))
+                     ActSpec(a, symmetric=sym_act, dynamic=not static))
     g = torch.Generator().manual_seed(seed)
     lin = torch.nn.Linear(k, n, bias=bias)
     with torch.no_grad():
         lin.weight.copy_(torch.randn(n, k, generator=g) * (0.5 + torch.rand(n, 1, generator=g)))
         if bias:
             lin.bias.copy_(torch.randn(n, generator=g))
-    return QuantLinear.from_float(lin, spec)
+    return QuantLinear.from_float(lin, spec, act_range=(-3.0, 4.0) if static else None)
 
 
 def check_close(y, ref, dtype):

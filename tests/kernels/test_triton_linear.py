@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.kernels.helpers import run_in_interpreter
+from tests.kernels.helpers import check_close, make_layer, run_in_interpreter
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -62,38 +62,14 @@ else:
     from abqllm.kernels import custom_ops, registry
     from abqllm.kernels import triton_linear as TL
     from abqllm.kernels.reference import linear_reference
-    from abqllm.nn import QuantLinear
     from abqllm.quant import primitives as P
-    from abqllm.spec import ActSpec, LayerSpec, WeightSpec
-
-    # Output tolerance per dtype: |y - ref| <= rtol * |ref| + atol * max|ref|. The kernels accumulate
-    # exactly (int32) or in fp32 and round once to the output dtype, so rtol is about one ulp of it.
-    TOL = {torch.float16: (2.0 ** -10, 1e-4), torch.bfloat16: (2.0 ** -7, 1e-3), torch.float32: (2e-6, 2e-6)}
-
-    def make_layer(w, a, gs, n, k, *, bias=False, sym_act=False, static=False, seed=0):
-        wbits, balanced = int(str(w).rstrip("*")), str(w).endswith("*")
-        spec = LayerSpec(WeightSpec(wbits, balanced=balanced, group_size=gs), ActSpec(a, symmetric=sym_act,
-                                                                                          dynamic=not static))
-        g = torch.Generator().manual_seed(seed)
-        lin = torch.nn.Linear(k, n, bias=bias)
-        with torch.no_grad():
-            lin.weight.copy_(torch.randn(n, k, generator=g) * (0.5 + torch.rand(n, 1, generator=g)))
-            if bias:
-                lin.bias.copy_(torch.randn(n, generator=g))
-        return QuantLinear.from_float(lin, spec, act_range=(-3.0, 4.0) if static else None)
+    from abqllm.spec import ActSpec
 
     def random_x(m, k, dtype, seed):
         g = torch.Generator().manual_seed(seed)
         x = torch.randn(m, k, generator=g) * (0.2 + 2 * torch.rand(m, 1, generator=g)) + 0.3 * torch.randn(m, 1, generator=g)
         x[:, 0] += 4.0  # an outlier column, as real activations have
         return x.to(dtype)
-
-    def check_close(y, ref, dtype):
-        rtol, atol = TOL[dtype]
-        assert y.dtype == dtype and torch.isfinite(y).all(), "NaN/inf in the output: an element was not written"
-        err = (y.double() - ref).abs()
-        bound = rtol * ref.abs() + atol * ref.abs().max()
-        assert (err <= bound).all(), f"max err {err.max().item():.3e}, worst ratio {(err / bound).max().item():.2f}"
 
     def run_layer(layer, x, config=None):
         out = torch.full((x.shape[0], layer.out_features), float("nan"), dtype=x.dtype)

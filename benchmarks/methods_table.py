@@ -65,7 +65,12 @@ def main():
     ap.add_argument("--calib", default=None, help="N,L: calibration windows and tokens for every method "
                                                   "(default: each method's own default / cpu preset)")
     ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--log", action="store_true", help="INFO log of the calibration (e.g. block tuning's losses)")
     a = ap.parse_args()
+    if a.log:
+        import logging
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+        logging.getLogger("abqllm.methods.abq").setLevel(logging.WARNING)
     opts_by_method = json.loads(a.method_opts)
     cache_path = Path(a.out) / f"methods_{a.model}.json"
     cache = json.loads(cache_path.read_text()) if cache_path.exists() else {"results": {}}

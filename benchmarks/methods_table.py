@@ -32,7 +32,7 @@ from abqllm.spec import parse_scheme
 CONFIGS = "W4A16,W4A16g64,W3A16g64,W2A16g64,W2*A16,W6A6,W4A8,W4A4,W2A8,W2*A8"
 
 
-def run_one(model_name, method, scheme, opts, ids_eval, text, max_windows, seed, calib_size=None):
+def run_one(model_name, method, scheme, opts, ids_eval, text, max_windows, seed, calib_size=None, extra_windows=()):
     spec = parse_scheme(scheme)
     options, (n, seqlen), preset = resolve_preset(method, None, "cpu")
     n, seqlen = calib_size or (n, seqlen)
@@ -46,7 +46,10 @@ def run_one(model_name, method, scheme, opts, ids_eval, text, max_windows, seed,
     qs = time.perf_counter() - t0
     quantize_peak = peak_mb(torch.device("cpu"))
     r = perplexity(model, ids_eval, max_windows=max_windows)
-    return {"ppl": r.ppl, "tokens": r.tokens, "quantize_s": round(qs, 1), "preset": preset, "settings": m.settings(),
+    # the same quantized model on more windows: separates evaluation noise from calibration-draw noise
+    extra = {w: perplexity(model, ids_eval, max_windows=w) for w in extra_windows}
+    return {"ppl": r.ppl, "extra_ppl": extra, "tokens": r.tokens, "quantize_s": round(qs, 1), "preset": preset,
+            "settings": m.settings(),
             "calib": [n, seqlen] if calib is not None else None,
             "block_s": [round(b.seconds, 2) for b in report.blocks],
             "block_peak_rss_mb": [round(b.peak_mem_mb, 1) for b in report.blocks if b.peak_mem_mb is not None],
@@ -65,6 +68,8 @@ def main():
     ap.add_argument("--calib", default=None, help="N,L: calibration windows and tokens for every method "
                                                   "(default: each method's own default / cpu preset)")
     ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--extra-windows", default="", help="comma-separated window counts to evaluate the same "
+                                                        "quantized model on as well (cells in those tables)")
     ap.add_argument("--log", action="store_true", help="INFO log of the calibration (e.g. block tuning's losses)")
     a = ap.parse_args()
     if a.log:
@@ -81,6 +86,10 @@ def main():
     fkey = f"float|{windows_key}"
     if fkey not in cache["results"]:
         cache = _merge_write(cache_path, fkey, {"ppl": perplexity(model, ids, max_windows=a.max_windows).ppl})
+    extra_windows = [int(w) for w in a.extra_windows.split(",") if w]
+    for w in extra_windows:
+        if f"float|w{w}" not in cache["results"]:
+            cache = _merge_write(cache_path, f"float|w{w}", {"ppl": perplexity(model, ids, max_windows=w).ppl})
     del model
     for method in a.methods.split(","):
         label = method + (f" ({a.label})" if a.label else "")
@@ -90,13 +99,17 @@ def main():
                 continue
             try:
                 res = run_one(a.model, method, scheme, opts_by_method.get(method, {}), ids, text, a.max_windows, a.seed,
-                              tuple(int(v) for v in a.calib.split(",")) if a.calib else None)
+                              tuple(int(v) for v in a.calib.split(",")) if a.calib else None, extra_windows)
             except AbqError as e:
                 print(f"skip {label} {scheme}: {e}", flush=True)
                 continue
             res["command"] = "python " + " ".join(sys.argv)
             res["date"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+            extra = res.pop("extra_ppl")
             cache = _merge_write(cache_path, key, res)  # other runs may write the same cache meanwhile
+            for w, e in extra.items():  # same run, same quantize time; only the evaluation differs
+                cache = _merge_write(cache_path, f"{label}|{scheme}|w{w}",
+                                     {**res, "ppl": e.ppl, "tokens": e.tokens, "same_run_as": key})
             print(f"{label} {scheme}: ppl {res['ppl']:.3f}, {res['quantize_s']} s", flush=True)
     cache = json.loads(cache_path.read_text()) if cache_path.exists() else cache
     cache["machine"] = f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"

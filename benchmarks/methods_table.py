@@ -68,8 +68,8 @@ def main():
     ap.add_argument("--calib", default=None, help="N,L: calibration windows and tokens for every method "
                                                   "(default: each method's own default / cpu preset)")
     ap.add_argument("--out", default="benchmarks/results")
-    ap.add_argument("--extra-windows", default="", help="comma-separated window counts to evaluate the same "
-                                                        "quantized model on as well (cells in those tables)")
+    ap.add_argument("--extra-windows", default="", help="comma-separated window counts (or 'all') to evaluate "
+                                                        "the same quantized model on as well (cells in those tables)")
     ap.add_argument("--log", action="store_true", help="INFO log of the calibration (e.g. block tuning's losses)")
     a = ap.parse_args()
     if a.log:
@@ -86,10 +86,10 @@ def main():
     fkey = f"float|{windows_key}"
     if fkey not in cache["results"]:
         cache = _merge_write(cache_path, fkey, {"ppl": perplexity(model, ids, max_windows=a.max_windows).ppl})
-    extra_windows = [int(w) for w in a.extra_windows.split(",") if w]
+    extra_windows = [None if w == "all" else int(w) for w in a.extra_windows.split(",") if w]
     for w in extra_windows:
-        if f"float|w{w}" not in cache["results"]:
-            cache = _merge_write(cache_path, f"float|w{w}", {"ppl": perplexity(model, ids, max_windows=w).ppl})
+        if f"float|w{w or 'all'}" not in cache["results"]:
+            cache = _merge_write(cache_path, f"float|w{w or 'all'}", {"ppl": perplexity(model, ids, max_windows=w).ppl})
     del model
     for method in a.methods.split(","):
         label = method + (f" ({a.label})" if a.label else "")
@@ -108,7 +108,7 @@ def main():
             extra = res.pop("extra_ppl")
             cache = _merge_write(cache_path, key, res)  # other runs may write the same cache meanwhile
             for w, e in extra.items():  # same run, same quantize time; only the evaluation differs
-                cache = _merge_write(cache_path, f"{label}|{scheme}|w{w}",
+                cache = _merge_write(cache_path, f"{label}|{scheme}|w{w or 'all'}",
                                      {**res, "ppl": e.ppl, "tokens": e.tokens, "same_run_as": key})
             print(f"{label} {scheme}: ppl {res['ppl']:.3f}, {res['quantize_s']} s", flush=True)
     cache = json.loads(cache_path.read_text()) if cache_path.exists() else cache

@@ -32,6 +32,10 @@ from abqllm.spec import parse_scheme
 CONFIGS = "W4A16,W4A16g64,W3A16g64,W2A16g64,W2*A16,W6A6,W4A8,W4A4,W2A8,W2*A8"
 
 
+def _windows_key(windows: int | None) -> str:
+    return f"w{windows or 'all'}"
+
+
 def run_one(model_name, method, scheme, opts, ids_eval, text, max_windows, seed, calib_size=None, extra_windows=()):
     spec = parse_scheme(scheme)
     options, (n, seqlen), preset = resolve_preset(method, None, "cpu")
@@ -82,14 +86,12 @@ def main():
     text = load_text(None)
     model, tok = abqllm.load_model(a.model)
     ids = eval_token_ids(tok, text)
-    windows_key = f"w{a.max_windows or 'all'}"
-    fkey = f"float|{windows_key}"
-    if fkey not in cache["results"]:
-        cache = _merge_write(cache_path, fkey, {"ppl": perplexity(model, ids, max_windows=a.max_windows).ppl})
+    windows_key = _windows_key(a.max_windows)
     extra_windows = [None if w == "all" else int(w) for w in a.extra_windows.split(",") if w]
-    for w in extra_windows:
-        if f"float|w{w or 'all'}" not in cache["results"]:
-            cache = _merge_write(cache_path, f"float|w{w or 'all'}", {"ppl": perplexity(model, ids, max_windows=w).ppl})
+    for w in [a.max_windows, *extra_windows]:
+        if f"float|{_windows_key(w)}" not in cache["results"]:
+            cache = _merge_write(cache_path, f"float|{_windows_key(w)}",
+                                 {"ppl": perplexity(model, ids, max_windows=w).ppl})
     del model
     for method in a.methods.split(","):
         label = method + (f" ({a.label})" if a.label else "")
@@ -108,7 +110,7 @@ def main():
             extra = res.pop("extra_ppl")
             cache = _merge_write(cache_path, key, res)  # other runs may write the same cache meanwhile
             for w, e in extra.items():  # same run, same quantize time; only the evaluation differs
-                cache = _merge_write(cache_path, f"{label}|{scheme}|w{w or 'all'}",
+                cache = _merge_write(cache_path, f"{label}|{scheme}|{_windows_key(w)}",
                                      {**res, "ppl": e.ppl, "tokens": e.tokens, "same_run_as": key})
             print(f"{label} {scheme}: ppl {res['ppl']:.3f}, {res['quantize_s']} s", flush=True)
     cache = json.loads(cache_path.read_text()) if cache_path.exists() else cache

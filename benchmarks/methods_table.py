@@ -25,7 +25,7 @@ import abqllm
 from abqllm.calib.memory import peak_mb, reset_peak
 from abqllm.data.sources import calibration_samples, eval_token_ids, load_text
 from abqllm.errors import AbqError
-from abqllm.eval.perplexity import perplexity
+from abqllm.eval.perplexity import perplexity_prefixes
 from abqllm.methods import get_method, resolve_preset
 from abqllm.spec import parse_scheme
 
@@ -49,9 +49,10 @@ def run_one(model_name, method, scheme, opts, ids_eval, text, max_windows, seed,
     report = abqllm.quantize(model, spec, method=method, calib_ids=calib, seed=seed, data=text.name, **options)
     qs = time.perf_counter() - t0
     quantize_peak = peak_mb(torch.device("cpu"))
-    r = perplexity(model, ids_eval, max_windows=max_windows)
-    # the same quantized model on more windows: separates evaluation noise from calibration-draw noise
-    extra = {w: perplexity(model, ids_eval, max_windows=w) for w in extra_windows}
+    # the same quantized model on more windows too (one pass): separates evaluation noise from draw noise
+    scored = perplexity_prefixes(model, ids_eval, [max_windows, *extra_windows])
+    r = scored[max_windows]
+    extra = {w: scored[w] for w in extra_windows}
     return {"ppl": r.ppl, "extra_ppl": extra, "tokens": r.tokens, "quantize_s": round(qs, 1), "preset": preset,
             "settings": m.settings(),
             "calib": [n, seqlen] if calib is not None else None,
@@ -88,10 +89,10 @@ def main():
     ids = eval_token_ids(tok, text)
     windows_key = _windows_key(a.max_windows)
     extra_windows = [None if w == "all" else int(w) for w in a.extra_windows.split(",") if w]
-    for w in [a.max_windows, *extra_windows]:
-        if f"float|{_windows_key(w)}" not in cache["results"]:
-            cache = _merge_write(cache_path, f"float|{_windows_key(w)}",
-                                 {"ppl": perplexity(model, ids, max_windows=w).ppl})
+    missing = [w for w in [a.max_windows, *extra_windows] if f"float|{_windows_key(w)}" not in cache["results"]]
+    if missing:
+        for w, r in perplexity_prefixes(model, ids, missing).items():
+            cache = _merge_write(cache_path, f"float|{_windows_key(w)}", {"ppl": r.ppl})
     del model
     for method in a.methods.split(","):
         label = method + (f" ({a.label})" if a.label else "")

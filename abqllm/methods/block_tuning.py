@@ -8,6 +8,16 @@ the codes are known, the scales and norms are a small set of continuous paramete
 block output is differentiable, so they can absorb part of the rounding error of all linears together
 (the idea of EfficientQAT's step-size training, done here block by block on the calibration windows).
 
+With tune_codes_lr > 0 the codes move too (AutoRound's learned rounding, started from GPTQ's rounding
+instead of round-to-nearest): code = clamp(c0 + round(b + v), 0, qmax), where c0 is GPTQ's code,
+b = position - c0 clipped to [-1/2, 1/2] says how near the rounding boundary GPTQ's error-compensated weight
+stood (gptq_quantize's positions), and the learned v in [-1/2, 1/2] starts at 0, so tuning starts from GPTQ's
+codes exactly and a code moves by one level at most; the gradient passes straight through the rounding.
+Why: with one scale per output channel (W4A16 per channel) the scales are N numbers per linear, too few to
+absorb much of the rounding error; the codes are where the freedom is. Why b: a weight that stood next to
+the boundary costs little to flip, one that stood on a level costs a whole step; with b = 0 for all
+(tried first) every code is equally far from moving and the flips made the tiny test block worse.
+
 Both are parametrised multiplicatively (s = s0 exp(theta), g = g0 exp(phi), theta = phi = 0 at the start),
 so one learning rate suits scales of any size and a norm weight never changes sign. The tuned block is kept
 only if its loss over all calibration windows is lower than before tuning. Scales are stored on the float16
@@ -43,6 +53,7 @@ class BlockTuning:
     tune_batch: int = 4       # windows per step
     tune_holdout: float = 0.0  # fraction of the windows held out: train on the rest, keep the epoch (0 = none) with the
                                # lowest loss on the held-out ones; 0: train on all, keep the end if it lowered their loss
+    tune_codes_lr: float = 0.0  # Adam step on the per-weight code offsets (module docstring); 0: codes stay GPTQ's
 
     def __post_init__(self):
         if isinstance(self.tune_epochs, bool) or not isinstance(self.tune_epochs, int) or self.tune_epochs < 0:
@@ -54,6 +65,9 @@ class BlockTuning:
         if isinstance(self.tune_holdout, bool) or not isinstance(self.tune_holdout, (int, float)) \
                 or not 0.0 <= self.tune_holdout < 1.0:
             raise AbqError(f"tune_holdout must be a fraction in [0, 1) (0: none), got {self.tune_holdout!r}")
+        if isinstance(self.tune_codes_lr, bool) or not isinstance(self.tune_codes_lr, (int, float)) \
+                or not self.tune_codes_lr >= 0:
+            raise AbqError(f"tune_codes_lr must be a number >= 0 (0: codes fixed), got {self.tune_codes_lr!r}")
 
     @property
     def enabled(self) -> bool:
@@ -67,11 +81,14 @@ class BlockTuning:
                "tune_batch": self.tune_batch}
         if self.tune_holdout:
             out["tune_holdout"] = self.tune_holdout
+        if self.tune_codes_lr:
+            out["tune_codes_lr"] = self.tune_codes_lr
         return out
 
-    def tune(self, float_ctx: BlockContext, work_ctx: BlockContext, result: dict[str, torch.Tensor]
-             ) -> dict[str, torch.Tensor]:
-        """New "<linear>.scale" entries and "tuned.<param>" entries for `result` (codes/scale/zero per linear).
+    def tune(self, float_ctx: BlockContext, work_ctx: BlockContext, result: dict[str, torch.Tensor],
+             positions: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """New "<linear>.scale" entries and "tuned.<param>" entries for `result` (codes/scale/zero per linear),
+        and new "<linear>.codes" entries when the codes are tuned too (that needs GPTQ's `positions`).
 
         `float_ctx.block` is the untouched float block (the targets); `work_ctx.block` the same block with the
         transform folded in, whose linears the codes belong to.
@@ -79,6 +96,9 @@ class BlockTuning:
         missing = [n for n in work_ctx.linears if f"{n}.codes" not in result]
         if missing:
             raise AbqError(f"block tuning needs codes from the rounding step (gptq); none for {', '.join(missing)}")
+        if self.tune_codes_lr and set(positions or {}) != set(work_ctx.linears):
+            raise AbqError("code tuning (tune_codes_lr > 0) needs GPTQ's rounding positions for every linear; "
+                           "use it with a +gptq method")
         dev = work_ctx.device
         block = work_ctx.block
         gs = work_ctx.spec.weight.group_size
@@ -86,13 +106,21 @@ class BlockTuning:
             t1 = float_ctx.run(float_ctx.block, float_ctx.x_fp)
             t2 = float_ctx.run(float_ctx.block, float_ctx.x_q)
         base = {n: p.detach() for n, p in block.named_parameters()}
-        centred, scale0, theta = {}, {}, {}
+        qmax = work_ctx.spec.weight.qmax
+        codes0, zeros, scale0, theta, offset, lean = {}, {}, {}, {}, {}, {}
         for n, lin in work_ctx.linears.items():
             k = lin.weight.shape[1]
-            codes, zero = result[f"{n}.codes"].to(dev), result[f"{n}.zero"].to(dev)
-            centred[n] = codes.float() - P.expand_groups(zero.float(), k, gs)
+            codes0[n] = result[f"{n}.codes"].to(dev)
+            zeros[n] = P.expand_groups(result[f"{n}.zero"].to(dev).float(), k, gs)
             scale0[n] = result[f"{n}.scale"].to(dev).float()
             theta[n] = torch.zeros_like(scale0[n], requires_grad=True)
+            if self.tune_codes_lr:
+                offset[n] = torch.zeros_like(zeros[n], requires_grad=True)
+                lean[n] = (positions[n].to(dev).float() - codes0[n].float()).clamp(-0.5, 0.5)
+
+        def codes_of(n):  # GPTQ's codes, moved by the rounded offsets (gradient straight through)
+            c = codes0[n].float()
+            return (c + P.round_ste(lean[n] + offset[n])).clamp(0, qmax) if n in offset else c
         static_act = any(f"{n}.act_range" in result for n in work_ctx.linears)
         linear_weights = {f"{n}.weight" for n in work_ctx.linears}
         norms = {} if not self.tune_norms or static_act else {
@@ -101,9 +129,10 @@ class BlockTuning:
 
         def params():
             out = dict(base)
-            for n in centred:
+            for n in codes0:
                 s = scale0[n] * theta[n].exp()
-                out[f"{n}.weight"] = (centred[n] * P.expand_groups(s, centred[n].shape[1], gs)).to(base[f"{n}.weight"].dtype)
+                centred = codes_of(n) - zeros[n]
+                out[f"{n}.weight"] = (centred * P.expand_groups(s, centred.shape[1], gs)).to(base[f"{n}.weight"].dtype)
             for name, phi in norms.items():
                 out[name] = base[name] * phi.exp()
             return out
@@ -123,14 +152,14 @@ class BlockTuning:
             for n in theta:
                 stored = (scale0[n] * theta[n].exp()).half().float()
                 out[n] = torch.where(scale0[n] > 0, (stored / scale0[n]).log(), torch.zeros_like(stored))
-            return out, {name: phi.detach().clone() for name, phi in norms.items()}
+            return (out, {name: phi.detach().clone() for name, phi in norms.items()},
+                    {n: v.detach().clone() for n, v in offset.items()})
 
         def restore(snap):
             with torch.no_grad():
-                for n, t in snap[0].items():
-                    theta[n].copy_(t)
-                for name, t in snap[1].items():
-                    norms[name].copy_(t)
+                for part, live in zip(snap, (theta, norms, offset)):
+                    for name, t in part.items():
+                        live[name].copy_(t)
 
         n_win = work_ctx.x_q.shape[0]
         held = min(n_win - 1, round(n_win * self.tune_holdout)) if self.tune_holdout else 0
@@ -142,15 +171,21 @@ class BlockTuning:
         t0 = time.perf_counter()
         before = best = total_loss(judge)
         best_snap, best_epoch = snapshot(), 0
-        opt = torch.optim.Adam([*theta.values(), *norms.values()], lr=self.tune_lr)
+        groups = [{"params": [*theta.values(), *norms.values()]}]
+        if offset:
+            groups.append({"params": list(offset.values()), "lr": self.tune_codes_lr})
+        opt = torch.optim.Adam(groups, lr=self.tune_lr)
         for epoch in range(1, self.tune_epochs + 1):
             for idx in train[torch.randperm(len(train))].split(self.tune_batch):
                 loss = loss_on(idx)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+                with torch.no_grad():  # |lean + v| <= 1: one level either way at most
+                    for v in offset.values():
+                        v.clamp_(-0.5, 0.5)
             if held or epoch == self.tune_epochs:  # held out: the best epoch on unseen windows; else the last
-                raw = ({n: t.detach().clone() for n, t in theta.items()}, {})
+                raw = ({n: t.detach().clone() for n, t in theta.items()}, {}, {})
                 snap = snapshot()
                 restore(snap)  # judged as stored (fp16 scales)
                 cur = total_loss(judge)
@@ -166,6 +201,11 @@ class BlockTuning:
         with torch.no_grad():
             out = {f"{n}.scale": (scale0[n] * theta[n].exp()).half().float().cpu() for n in theta}
             out.update({TUNED + name: (base[name] * phi.exp()).cpu() for name, phi in norms.items()})
+            out.update({f"{n}.codes": codes_of(n).to(result[f"{n}.codes"].dtype).cpu() for n in offset})
+        if offset:
+            moved = sum(int((out[f"{n}.codes"] != result[f"{n}.codes"].cpu()).sum()) for n in offset)
+            log.info("block %d: %.2f%% of the codes moved by one level", work_ctx.index,
+                     100.0 * moved / sum(v.numel() for v in offset.values()))
         return out
 
 

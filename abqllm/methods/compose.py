@@ -75,12 +75,13 @@ class Composed:
         work = copy.deepcopy(ctx.block)
         self.transform.fold(work, ctx, found)
         inner = dataclasses.replace(ctx, block=work, linears={n: work.get_submodule(n) for n in ctx.linears})
+        # code tuning starts from where GPTQ rounded each weight (not kept in the result: weight-sized)
+        extra = {"positions": {}} if self.tuning.enabled and self.tuning.tune_codes_lr else {}
         if hasattr(self.transform, "qparams"):  # learned ranges (abq): the rounding keeps them
-            rounded = self.rounding.calibrate(inner, qparams=self.transform.qparams(work, inner, found))
-        else:
-            rounded = self.rounding.calibrate(inner)
+            extra["qparams"] = self.transform.qparams(work, inner, found)
+        rounded = self.rounding.calibrate(inner, **extra)
         if self.tuning.enabled:
-            rounded.update(self.tuning.tune(ctx, inner, rounded))
+            rounded.update(self.tuning.tune(ctx, inner, rounded, extra.get("positions")))
         return {**found, **rounded}
 
     def apply(self, ctx: BlockContext, result: dict[str, torch.Tensor]) -> dict[str, QuantLinear]:

@@ -89,9 +89,12 @@ def asymmetric_target(w: torch.Tensor, h: torch.Tensor, d: torch.Tensor, percdam
 def gptq_quantize(w: torch.Tensor, h: torch.Tensor, spec: WeightSpec, percdamp: float = 0.01,
                   block_size: int = 128, act_order: bool = False,
                   static_groups: bool = False,
-                  qparams: tuple[torch.Tensor, torch.Tensor] | None = None
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  qparams: tuple[torch.Tensor, torch.Tensor] | None = None, positions: bool = False):
     """Weight [N, K], Hessian [K, K] -> codes uint8 [N, K], scale [N, G], zero [N, G] (stored layout).
+
+    With `positions`, also float32 [N, K]: where on the code axis each weight stood when it was rounded
+    (its error-compensated value / scale + zero, before rounding and clamping); code - position says how
+    near the rounding boundary GPTQ's choice was (block tuning's code offsets start from it).
 
     `qparams` fixes the scale and zero point [N, G] (e.g. learned clipping ranges); else they come
     from the weight's own min/max.
@@ -121,6 +124,7 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, spec: WeightSpec, percdamp: 
     group_of = torch.zeros(k, dtype=torch.long) if gs == 0 else (perm // gs).cpu()  # stored group of column
     hinv = inverse_hessian_factor(h, percdamp)
     codes = torch.zeros(n, k, dtype=torch.uint8, device=w.device)
+    where = torch.zeros(n, k, device=w.device) if positions else None
     for i1 in range(0, k, block_size):
         i2 = min(i1 + block_size, k)
         w1 = w[:, i1:i2].clone()
@@ -134,13 +138,18 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, spec: WeightSpec, percdamp: 
                 scale[:, gi], zero[:, gi] = s_g[:, 0], z_g[:, 0]
             s, z = scale[:, gi:gi + 1], zero[:, gi:gi + 1]
             q = P.quantize_weight(w1[:, i:i + 1], column_spec, s, z)
+            if where is not None:
+                where[:, col] = w1[:, i] / s[:, 0] + z[:, 0]
             codes[:, col] = q[:, 0]
             wq = P.dequantize_weight(q, s, z, 0)[:, 0]
             e = (w1[:, i] - wq) / hinv1[i, i]
             w1[:, i:] -= e[:, None] * hinv1[i, i:][None, :]
             err[:, i] = e
         w[:, i2:] -= err @ hinv[i1:i2, i2:]
-    return codes[:, torch.argsort(perm)], scale, zero
+    back = torch.argsort(perm)
+    if where is not None:
+        return codes[:, back], scale, zero, where[:, back]
+    return codes[:, back], scale, zero
 
 
 @torch.no_grad()
@@ -264,8 +273,10 @@ class GPTQ:
                 if k != "name" and not (k in ("asym", "refit") and not v)}
 
     @torch.no_grad()
-    def calibrate(self, ctx: BlockContext, qparams: dict | None = None) -> dict[str, torch.Tensor]:
-        """`qparams` {linear: (scale, zero)} fixes the grid of some linears (compositions)."""
+    def calibrate(self, ctx: BlockContext, qparams: dict | None = None,
+                  positions: dict | None = None) -> dict[str, torch.Tensor]:
+        """`qparams` {linear: (scale, zero)} fixes the grid of some linears (compositions). A `positions` dict
+        is filled with each linear's rounding positions (gptq_quantize), for block tuning of the codes."""
         static_act = not ctx.spec.act.is_float and not ctx.spec.act.dynamic
         # asym reads the float block too, so it never hooks the block it quantizes
         work = copy.deepcopy(ctx.block) if self.sequential or self.asym else ctx.block
@@ -295,13 +306,18 @@ class GPTQ:
                 w, h = lin.weight, stats.hessian(n)
                 if self.asym:
                     w = asymmetric_target(w, h, stats.cross_term(n), self.percdamp, self.asym)
-                codes, scale, zero = gptq_quantize(w, h, ctx.spec.weight, self.percdamp, self.block_size,
-                                                   self.act_order, self.static_groups, (qparams or {}).get(n))
+                want = positions is not None
+                codes, scale, zero, *where = gptq_quantize(w, h, ctx.spec.weight, self.percdamp, self.block_size,
+                                                           self.act_order, self.static_groups,
+                                                           (qparams or {}).get(n), want)
                 for r in range(self.refit):  # the last round's codes were chosen on the scales stored
                     scale = refit_scales(w, h, codes, scale, zero, ctx.spec.weight.group_size, self.percdamp)
                     if r + 1 < self.refit:
-                        codes, scale, zero = gptq_quantize(w, h, ctx.spec.weight, self.percdamp, self.block_size,
-                                                           self.act_order, self.static_groups, (scale, zero))
+                        codes, scale, zero, *where = gptq_quantize(w, h, ctx.spec.weight, self.percdamp,
+                                                                   self.block_size, self.act_order,
+                                                                   self.static_groups, (scale, zero), want)
+                if want:
+                    positions[n] = where[0]
                 result.update({f"{n}.codes": codes, f"{n}.scale": scale, f"{n}.zero": zero})
                 act_range = stats.range[n] if static_act else None
                 if static_act:

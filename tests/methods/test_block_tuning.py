@@ -14,13 +14,13 @@ from tests.methods.test_abq import _ctx
 from tests.tiny import make_tiny_llama
 
 
-def _rounded(scheme="W2*A16", n=8):
+def _rounded(scheme="W2*A16", n=8, positions=None):
     """A context, a working copy of its block and GPTQ's codes/scales/zeros for it."""
     model, _ = make_tiny_llama()
     ctx = _ctx(model, scheme, n=n)
     work = copy.deepcopy(ctx.block)
     inner = dataclasses.replace(ctx, block=work, linears={k: work.get_submodule(k) for k in ctx.linears})
-    return ctx, inner, GPTQ().calibrate(inner)
+    return ctx, inner, GPTQ().calibrate(inner, positions=positions)
 
 
 @pytest.mark.parametrize("scheme", ["W2*A16", "W3A8g32"])
@@ -83,7 +83,8 @@ def test_norms_stay_fixed_when_asked_or_with_static_activation_ranges():
 
 @pytest.mark.parametrize("bad, match", [({"tune_epochs": -1}, "tune_epochs"), ({"tune_epochs": 1.5}, "tune_epochs"),
                                         ({"tune_lr": 0}, "tune_lr"), ({"tune_batch": 0}, "tune_batch"),
-                                        ({"tune_holdout": 1.0}, "tune_holdout")])
+                                        ({"tune_holdout": 1.0}, "tune_holdout"),
+                                        ({"tune_codes_lr": -1e-3}, "tune_codes_lr")])
 def test_bad_options_are_clear_errors(bad, match):
     with pytest.raises(abqllm.AbqError, match=match):
         get_method("abq+gptq", **bad)
@@ -107,7 +108,8 @@ def test_tuned_preset_is_cpu_large_plus_tuning_for_gptq_compositions_only():
         resolve_preset("abq", "cpu-large-tuned", "cpu")  # plain abq rounds to nearest: nothing to tune
 
 
-def test_abq_gptq_with_tuning_quantizes_a_model_end_to_end():
+@pytest.mark.parametrize("codes_lr", [0.0, 3e-3])
+def test_abq_gptq_with_tuning_quantizes_a_model_end_to_end(codes_lr):
     model, _ = make_tiny_llama()
     ids = torch.randint(0, 300, (8, 32), generator=torch.Generator().manual_seed(1))
     ref_model, _ = make_tiny_llama()
@@ -115,10 +117,45 @@ def test_abq_gptq_with_tuning_quantizes_a_model_end_to_end():
         ref = ref_model(ids).logits
     norms_before = {n: p.detach().clone() for n, p in model.named_parameters() if n.endswith("norm.weight")}
     abqllm.quantize(model, "W3A16g32", method="abq+gptq", calib_ids=ids, progress=False, epochs=1, batch_size=2,
-                    tune_epochs=2, tune_batch=2)
+                    tune_epochs=2, tune_batch=2, tune_codes_lr=codes_lr)
     assert sum(isinstance(m, QuantLinear) for m in model.modules()) == 14
     changed = [n for n, p in model.named_parameters() if n in norms_before and not torch.equal(p, norms_before[n])]
     assert changed  # the tuned norm weights reached the model
     with torch.no_grad():
         out = model(ids).logits
     assert torch.isfinite(out).all() and (out - ref).pow(2).mean() < 0.1 * ref.pow(2).mean()
+
+
+def test_code_tuning_moves_codes_by_at_most_one_level_and_lowers_the_loss():
+    positions = {}
+    ctx, inner, result = _rounded("W3A16g32", positions=positions)
+    for n in ctx.linears:  # GPTQ's codes are its positions rounded and clamped
+        assert torch.equal(result[f"{n}.codes"].float(), positions[n].round().clamp(0, ctx.spec.weight.qmax))
+    with pytest.raises(abqllm.AbqError, match="rounding positions"):
+        BlockTuning(tune_epochs=1, tune_codes_lr=5e-2).tune(ctx, inner, result)
+    torch.manual_seed(0)
+    tuned = BlockTuning(tune_epochs=4, tune_lr=1e-2, tune_batch=2, tune_codes_lr=3e-3).tune(ctx, inner, result,
+                                                                                         positions)
+    codes = {k for k in tuned if k.endswith(".codes")}
+    assert codes == {f"{n}.codes" for n in ctx.linears}
+    moved = 0
+    for k in codes:
+        step = tuned[k].long() - result[k].long()
+        assert tuned[k].dtype == result[k].dtype and step.abs().max() <= 1
+        assert tuned[k].min() >= 0 and tuned[k].max() <= ctx.spec.weight.qmax
+        moved += int((step != 0).sum())
+    assert moved > 0
+
+    def block_mse(res):
+        layers = GPTQ().apply(inner, res)
+        block = copy.deepcopy(inner.block)
+        apply_tuned(block, res)
+        for name, q in layers.items():
+            block.set_submodule(name, q)
+        return (ctx.run(block, ctx.x_q) - ctx.run(ctx.block, ctx.x_fp)).pow(2).mean()
+
+    torch.manual_seed(0)
+    scales_only = BlockTuning(tune_epochs=4, tune_lr=1e-2, tune_batch=2).tune(ctx, inner, result)
+    assert block_mse({**result, **tuned}) < block_mse({**result, **scales_only}) < block_mse(result)
+    assert BlockTuning(tune_codes_lr=5e-2).settings() == {}  # off while tune_epochs is 0
+    assert BlockTuning(tune_epochs=1, tune_codes_lr=5e-2).settings()["tune_codes_lr"] == 5e-2

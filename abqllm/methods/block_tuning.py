@@ -17,6 +17,8 @@ Why: with one scale per output channel (W4A16 per channel) the scales are N numb
 absorb much of the rounding error; the codes are where the freedom is. Why b: a weight that stood next to
 the boundary costs little to flip, one that stood on a level costs a whole step; with b = 0 for all
 (tried first) every code is equally far from moving and the flips made the tiny test block worse.
+On the default model at the CPU presets' data (a few thousand tokens a block) it lowers the training loss
+and not the held-out one (benchmarks/code_tuning_probe.py): off by default, meant for paper-size data.
 
 Both are parametrised multiplicatively (s = s0 exp(theta), g = g0 exp(phi), theta = phi = 0 at the start),
 so one learning rate suits scales of any size and a norm weight never changes sign. The tuned block is kept

@@ -23,6 +23,8 @@ EPILOG = {
                   "--prompt-len 128 --new-tokens 128 --threads 2 --json out/cpu_bench.json"),
     "demo": "example: abq demo   (quantize the default model, evaluate float and quantized, print a table)",
     "export": "example: abq export --model out/w4a16g64 --format compressed-tensors --out out/w4a16g64-ct",
+    "tune": ("example: abq tune --model out/w4a16 --teacher smollm2-135m --epochs 2 --out out/w4a16-e2e   "
+             "(train the scales and norms of a checkpoint against the float model's next-token distribution)"),
 }
 
 
@@ -88,6 +90,30 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", required=True, help="output folder for the checkpoint")
     q.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     q.add_argument("--json", default=None, help="also write the quantization report here")
+    q.add_argument("--e2e-epochs", type=int, default=0,
+                   help="after calibration, end-to-end tuning of the scales and norms against the float model "
+                        "(abq tune), this many epochs over the calibration windows; 0 = off (default)")
+    q.add_argument("--e2e-lr", type=float, default=1e-3, help="learning rate of --e2e-epochs (default 1e-3)")
+
+    t = sub.add_parser("tune", help="end-to-end tuning of a quantized checkpoint's scales and norms against the "
+                                    "float model (codes stay as they are)", epilog=EPILOG["tune"])
+    _common(t)
+    t.add_argument("--teacher", required=True, help="the float model the checkpoint was quantized from")
+    t.add_argument("--epochs", type=int, default=2, help="passes over the training windows (default 2)")
+    t.add_argument("--lr", type=float, default=1e-3, help="Adam step on the log-scales (default 1e-3)")
+    t.add_argument("--batch", type=int, default=4, help="windows per step (default 4)")
+    t.add_argument("--holdout", type=float, default=0.125,
+                   help="fraction of the windows held out to choose the epoch (default 0.125; 0: keep the last)")
+    t.add_argument("--no-norms", action="store_true", help="train the scales only, not the norm weights")
+    _data_args(t)
+    t.add_argument("--calib-samples", type=int, default=None,
+                   help="calibration windows (default: as many as the checkpoint was calibrated on, else 64)")
+    t.add_argument("--calib-seqlen", type=int, default=None,
+                   help="tokens per window (default: as the checkpoint was calibrated on, else 256)")
+    t.add_argument("--seed", type=int, default=None, help="seed for the windows (default: the checkpoint's)")
+    t.add_argument("--out", required=True, help="output folder for the tuned checkpoint")
+    t.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    t.add_argument("--json", default=None, help="also write the tuning report here")
 
     e = sub.add_parser("eval", help="perplexity (or lm-eval tasks) of a float or quantized model",
                        epilog=EPILOG["eval"])
@@ -299,8 +325,19 @@ def cmd_quantize(a) -> dict:
     artifacts = None
     if method.needs_data(spec) and method.name != "rtn":
         artifacts = a.artifacts or f"{Path(a.out)}.calib"
+    if a.e2e_epochs:
+        e2e = _e2e_config(a.e2e_epochs, a.e2e_lr)  # refuses bad settings before the calibration
+        teacher, _ = abqllm.load_model(a.model, device="cpu")
     report = abqllm.quantize(model, spec, method=a.method, calib_ids=calib, device=device, data=data_name,
                              seed=a.seed, artifacts=artifacts, **options)
+    e2e_report = None
+    if a.e2e_epochs:
+        if calib is None:  # a method without data (rtn): the windows the tuning needs
+            text = load_text(a.data)
+            calib = calibration_samples(tok, text, a.calib_samples or n_calib, a.calib_seqlen or seqlen, seed=a.seed)
+            data_name = text.name
+        e2e_report = _run_e2e(model, teacher.to(device), calib, e2e, a.seed, data_name)
+        del teacher
     model.to("cpu")
     out = abqllm.save_quantized(model, tok, a.out, overwrite=a.overwrite)
     size = sum(f.stat().st_size for f in out.iterdir() if f.suffix == ".safetensors")
@@ -309,8 +346,57 @@ def cmd_quantize(a) -> dict:
               "calib_shape": list(calib.shape) if calib is not None else None,
               "blocks": [vars(b) for b in report.blocks],
               "quantize_seconds": round(report.seconds, 2), "checkpoint_mb": round(size / 2**20, 2)}
+    if e2e_report is not None:
+        result["e2e_tuning"] = e2e_report
     print(f"saved {report.spec} ({report.method}, {report.layers} layers) to {out}: "
           f"{result['checkpoint_mb']} MB in {result['quantize_seconds']} s")
+    _write_json(a.json, result)
+    return result
+
+
+def _e2e_config(epochs: int, lr: float, **more):
+    from abqllm.methods.e2e_tuning import E2ETuning
+
+    return E2ETuning(epochs=epochs, lr=lr, **more)
+
+
+def _run_e2e(model, teacher, calib, cfg, seed: int, data_name: str | None) -> dict:
+    from abqllm.methods.e2e_tuning import tune_end_to_end
+
+    report = tune_end_to_end(model, teacher, calib.to(next(model.parameters()).device), cfg, seed=seed)
+    model.config.quantization_config["e2e_tuning"]["data"] = data_name
+    print(f"end-to-end tuning: held-out KL to the float model {report['kl_before']:.5f} -> {report['kl_after']:.5f} "
+          f"(epoch {report['epoch_kept']} of {cfg.epochs}) in {report['seconds']} s")
+    return report
+
+
+def cmd_tune(a) -> dict:
+    import abqllm
+    from abqllm.data.sources import calibration_samples, load_text
+    from abqllm.io.checkpoint import check_output_dir
+
+    cfg = _e2e_config(a.epochs, a.lr, batch=a.batch, holdout=a.holdout, norms=not a.no_norms)
+    check_output_dir(a.out, a.overwrite)  # before any long work
+    device = _device(a.device)
+    model, tok = abqllm.load_model(a.model, device=device)
+    qc = getattr(model.config, "quantization_config", None)
+    if not isinstance(qc, dict) or "layers" not in qc:
+        raise abqllm.AbqError(f"{a.model} is not an abqllm checkpoint; quantize it first (abq quantize ... --out DIR) "
+                              "and tune DIR")
+    teacher, _ = abqllm.load_model(a.teacher, device=device)
+    if getattr(teacher.config, "quantization_config", None) is not None:
+        raise abqllm.AbqError(f"--teacher {a.teacher} is quantized; the teacher is the float model the checkpoint "
+                              "was quantized from")
+    shape = qc.get("calib_shape") or [64, 256]
+    seed = a.seed if a.seed is not None else int(qc.get("seed") or 0)
+    text = load_text(a.data)
+    calib = calibration_samples(tok, text, a.calib_samples or shape[0], a.calib_seqlen or shape[1], seed=seed)
+    report = _run_e2e(model, teacher, calib, cfg, seed, text.name)
+    model.to("cpu")
+    out = abqllm.save_quantized(model, tok, a.out, overwrite=a.overwrite)
+    result = {"model": a.model, "teacher": a.teacher, "out": str(out), "scheme": qc["spec"], **report,
+              "data": text.name}
+    print(f"saved the tuned checkpoint to {out}")
     _write_json(a.json, result)
     return result
 
@@ -459,7 +545,7 @@ def cmd_export(a) -> dict:
 
 
 COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "generate": cmd_generate, "demo": cmd_demo,
-            "export": cmd_export, "bench": cmd_bench, "sweep": cmd_sweep}
+            "export": cmd_export, "bench": cmd_bench, "sweep": cmd_sweep, "tune": cmd_tune}
 
 
 def main(argv: list[str] | None = None) -> int:

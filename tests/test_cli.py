@@ -128,3 +128,47 @@ def test_entry_point_exit_code(tiny):
     r = subprocess.run([sys.executable, "-m", "abqllm.cli", "quantize", "--model", str(tiny / "model"),
                         "--wbits", "9", "--out", str(tiny / "x")], capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.startswith("error: weight bits") and "Traceback" not in r.stderr
+
+
+def test_tune_a_checkpoint_and_quantize_with_e2e(tiny, capsys):
+    src = tiny / "w2-for-tune"
+    code, _, err = _run(capsys, "quantize", "--model", str(tiny / "model"), "--wbits", "2", "--group-size", "32",
+                        "--out", str(src))
+    assert code == 0, err
+    out = tiny / "w2-tuned"
+    code, stdout, err = _run(capsys, "tune", "--model", str(src), "--teacher", str(tiny / "model"),
+                             "--data", str(tiny / "text.txt"), "--calib-samples", "8", "--calib-seqlen", "32",
+                             "--lr", "1e-2", "--epochs", "2", "--out", str(out), "--json", str(tiny / "t.json"))
+    assert code == 0, err
+    report = json.loads((tiny / "t.json").read_text())
+    assert report["kl_after"] <= report["kl_before"] and "held-out KL" in stdout
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["e2e_tuning"]["calib_shape"] == [8, 32] and qc["method"] == "rtn"
+    code, stdout, err = _run(capsys, "eval", "--model", str(out), "--data", str(tiny / "text.txt"), "--window", "64")
+    assert code == 0, err
+    # one command: calibrate, then tune
+    code, stdout, err = _run(capsys, "quantize", "--model", str(tiny / "model"), "--wbits", "3", "--method", "gptq",
+                             "--data", str(tiny / "text.txt"), "--calib-samples", "8", "--calib-seqlen", "32",
+                             "--e2e-epochs", "1", "--out", str(tiny / "w3-e2e"), "--json", str(tiny / "q3.json"))
+    assert code == 0, err
+    assert json.loads((tiny / "q3.json").read_text())["e2e_tuning"]["settings"]["epochs"] == 1
+    qc = json.loads((tiny / "w3-e2e" / "config.json").read_text())["quantization_config"]
+    assert qc["e2e_tuning"]["data"] and qc["method"] == "gptq"
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--model", "{model}", "--teacher", "{model}"], "not an abqllm checkpoint"),
+    (["--model", "{ckpt}", "--teacher", "{ckpt}"], "is quantized"),
+    (["--model", "{ckpt}", "--teacher", "{model}", "--epochs", "0"], "epochs"),
+    (["--model", "{ckpt}", "--teacher", "{model}", "--holdout", "1.5"], "holdout"),
+])
+def test_tune_refusals(tiny, capsys, argv, message):
+    ckpt = tiny / "w4-for-refusals"
+    if not ckpt.exists():
+        assert _run(capsys, "quantize", "--model", str(tiny / "model"), "--wbits", "4", "--out", str(ckpt))[0] == 0
+    argv = [a.format(model=tiny / "model", ckpt=ckpt) for a in argv]
+    out = tiny / "refused"
+    code, _, err = _run(capsys, "tune", *argv, "--data", str(tiny / "text.txt"), "--out", str(out))
+    last = err.strip().splitlines()[-1]  # (transformers' loading bar may come before)
+    assert code == 2 and last.startswith("error:") and message in last and "Traceback" not in err
+    assert not out.exists()

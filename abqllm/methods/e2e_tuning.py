@@ -170,6 +170,8 @@ def tune_end_to_end(model: nn.Module, teacher: nn.Module, calib_ids: torch.Tenso
                     phi[k].copy_(v)
 
         curve = [held_kl()]
+        log.info("e2e: %s KL before tuning %.5f (%d windows)", "held-out" if held else "calibration", curve[0],
+                 len(judge))
         best, best_snap, best_epoch = curve[0], snapshot(), 0
         opt = torch.optim.Adam([*(t.theta for t in tunable.values()), *phi.values()], lr=cfg.lr)
         steps = (len(train) + cfg.batch - 1) // cfg.batch

@@ -326,7 +326,7 @@ def cmd_quantize(a) -> dict:
     if method.needs_data(spec) and method.name != "rtn":
         artifacts = a.artifacts or f"{Path(a.out)}.calib"
     if a.e2e_epochs:
-        e2e = _e2e_config(a.e2e_epochs, a.e2e_lr)  # refuses bad settings before the calibration
+        e2e = abqllm.E2ETuning(epochs=a.e2e_epochs, lr=a.e2e_lr)  # refuses bad settings before the calibration
         teacher, _ = abqllm.load_model(a.model, device="cpu")
     report = abqllm.quantize(model, spec, method=a.method, calib_ids=calib, device=device, data=data_name,
                              seed=a.seed, artifacts=artifacts, **options)
@@ -354,12 +354,6 @@ def cmd_quantize(a) -> dict:
     return result
 
 
-def _e2e_config(epochs: int, lr: float, **more):
-    from abqllm.methods.e2e_tuning import E2ETuning
-
-    return E2ETuning(epochs=epochs, lr=lr, **more)
-
-
 def _run_e2e(model, teacher, calib, cfg, seed: int, data_name: str | None) -> dict:
     from abqllm.methods.e2e_tuning import tune_end_to_end
 
@@ -375,7 +369,7 @@ def cmd_tune(a) -> dict:
     from abqllm.data.sources import calibration_samples, load_text
     from abqllm.io.checkpoint import check_output_dir
 
-    cfg = _e2e_config(a.epochs, a.lr, batch=a.batch, holdout=a.holdout, norms=not a.no_norms)
+    cfg = abqllm.E2ETuning(epochs=a.epochs, lr=a.lr, batch=a.batch, holdout=a.holdout, norms=not a.no_norms)
     check_output_dir(a.out, a.overwrite)  # before any long work
     device = _device(a.device)
     model, tok = abqllm.load_model(a.model, device=device)

@@ -24,10 +24,6 @@ from abqllm.eval.perplexity import perplexity_prefixes
 from abqllm.methods.e2e_tuning import E2ETuning, tune_end_to_end
 
 
-def _scores(model, ids, counts):
-    return {w: r for w, r in perplexity_prefixes(model, ids, counts).items()}
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--checkpoint", required=True)
@@ -60,7 +56,7 @@ def main():
             "command": a.quantize_command, "checkpoint": a.checkpoint}
     rows = {}
     if not a.skip_untuned:
-        rows[a.label] = (_scores(model, ids, counts), base)
+        rows[a.label] = (perplexity_prefixes(model, ids, counts), base)
 
     teacher, _ = abqllm.load_model(a.teacher)
     n, length = [int(v) for v in a.calib.split(",")] if a.calib else qc["calib_shape"]
@@ -76,7 +72,7 @@ def main():
                         + (f" --calib-samples {n} --calib-seqlen {length}" if a.calib else "") + " --out ...  (this script: python "
                         + " ".join(sys.argv) + ")"}
     tuned_label = f"{a.label}, e2e {a.epochs}x{a.lr:g}" + (f" on {n}x{length}" if a.calib else "")
-    rows[tuned_label] = (_scores(model, ids, counts), tuned)
+    rows[tuned_label] = (perplexity_prefixes(model, ids, counts), tuned)
 
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -152,8 +152,7 @@ class BlockTuning:
         def snapshot():  # what the format will hold: scales on the float16 grid
             out = {}
             for n in theta:
-                stored = (scale0[n] * theta[n].exp()).half().float()
-                out[n] = torch.where(scale0[n] > 0, (stored / scale0[n]).log(), torch.zeros_like(stored))
+                out[n] = stored_log_scale(scale0[n], theta[n])
             return (out, {name: phi.detach().clone() for name, phi in norms.items()},
                     {n: v.detach().clone() for n, v in offset.items()})
 
@@ -209,6 +208,13 @@ class BlockTuning:
             log.info("block %d: %.2f%% of the codes moved by one level", work_ctx.index,
                      100.0 * moved / sum(v.numel() for v in offset.values()))
         return out
+
+
+@torch.no_grad()
+def stored_log_scale(scale0: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """theta moved so that s0 exp(theta) is on the float16 grid the format stores scales on (0 where s0 = 0)."""
+    stored = (scale0 * theta.exp()).half().float()
+    return torch.where(scale0 > 0, (stored / scale0).log(), torch.zeros_like(stored))
 
 
 @torch.no_grad()

@@ -32,6 +32,7 @@ from torch import nn
 from torch.func import functional_call
 
 from abqllm.errors import AbqError
+from abqllm.methods.block_tuning import stored_log_scale
 from abqllm.nn.qlinear import QuantLinear
 from abqllm.quant import primitives as P
 
@@ -157,8 +158,7 @@ def tune_end_to_end(model: nn.Module, teacher: nn.Module, calib_ids: torch.Tenso
         def snapshot():  # as stored: scales on the float16 grid
             with torch.no_grad():
                 for t in tunable.values():
-                    stored = t.scales().half().float()
-                    t.theta.copy_(torch.where(t.scale0 > 0, (stored / t.scale0).log(), torch.zeros_like(stored)))
+                    t.theta.copy_(stored_log_scale(t.scale0, t.theta))
             return ({k: t.theta.detach().clone() for k, t in tunable.items()},
                     {k: v.detach().clone() for k, v in phi.items()})
 

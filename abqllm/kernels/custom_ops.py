@@ -12,6 +12,8 @@ never synchronize with the host). Ops:
   act_bits, act_symmetric) -> y: the decode GEMV on the k-packed layout (kernels/kpacked.py). Its split-K
   workspace is left zero after each launch, so the op is a pure function of its inputs.
 - abqllm::kp_gemm(same arguments) -> y: any M on the k-packed layout, tensor cores.
+- abqllm::dense_qlinear(same arguments) -> y: prefill, the k-packed weights expanded for a cuBLAS GEMM
+  (kernels/dense_prefill.py).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from abqllm.kernels import kpacked_linear, triton_linear
+from abqllm.kernels import dense_prefill, kpacked_linear, triton_linear
 
 
 @torch.library.custom_op("abqllm::act_quant", mutates_args=())
@@ -90,3 +92,14 @@ def kp_gemm(x: Tensor, qweight_t: Tensor, scales_t: Tensor, zeros_t: Tensor, bia
 
 
 kp_gemm.register_fake(_kp_fake)
+
+
+@torch.library.custom_op("abqllm::dense_qlinear", mutates_args=())
+def dense_qlinear(x: Tensor, qweight_t: Tensor, scales_t: Tensor, zeros_t: Tensor, bias: Optional[Tensor],
+                  act_scale: Optional[Tensor], act_zero: Optional[Tensor], in_features: int, bits: int,
+                  group_size: int, act_bits: int, act_symmetric: bool) -> Tensor:
+    return dense_prefill.dense_qlinear(x, qweight_t, scales_t, zeros_t, bias, act_scale, act_zero, in_features, bits,
+                                       group_size, act_bits, act_symmetric)
+
+
+dense_qlinear.register_fake(_kp_fake)

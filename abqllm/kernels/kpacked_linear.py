@@ -305,11 +305,14 @@ def _supports(layer, device: torch.device) -> bool:
 
 @register("linear", "triton-kpacked", priority=8, supports=_supports)
 def linear_triton_kpacked(layer, x: torch.Tensor) -> torch.Tensor:
-    """Every M on the k-packed layout: the GEMV up to KP_MAX_M rows, kp_gemm above (the 'triton' kernel takes the
-    GEMV by itself for decode on CUDA and keeps qlinear_kernel on the bitstream for M > 1)."""
-    from abqllm.kernels import custom_ops
+    """Every M on the k-packed layout: the GEMV up to KP_MAX_M rows, the dense path (dense_prefill.py) from
+    DENSE_MIN_M rows on CUDA, kp_gemm between (the 'triton' kernel takes the GEMV and the dense path by itself on
+    CUDA and keeps qlinear_kernel on the bitstream between)."""
+    from abqllm.kernels import custom_ops, dense_prefill
     if 0 < rows(x) <= KP_MAX_M:
         return custom_ops.kp_gemv(x, **layer_kp_args(layer))
+    if dense_prefill.use_dense(x):
+        return custom_ops.dense_qlinear(x, **layer_kp_args(layer))
     return custom_ops.kp_gemm(x, **layer_kp_args(layer))
 
 

@@ -1,6 +1,6 @@
 """The k-packed kernels on a GPU in one call: GEMV correctness, M = 1 timings against torch fp16, GemLite (if carried)
-and the older qlinear_kernel path, a tile sweep, small-M crossover, kp_gemm vs qlinear_kernel vs cuBLAS/_int_mm
-at M = 16 and 2048, end-to-end decode at batch 1 (also with every M on the k-packed layout).
+and the older qlinear_kernel path, a tile sweep, small-M crossover, kp_gemm vs qlinear_kernel vs the dense path
+(kernels/dense_prefill.py) vs cuBLAS/_int_mm at M = 16 and 2048, end-to-end decode at batch 1 (also with every M on the k-packed layout).
 
     python benchmarks/gpu/kp_check.py --out DIR [--budget-s 420] [--lean]
     python benchmarks/gpu/kp_check.py --out DIR --cpu    # no GPU: every section on tiny shapes in Triton's
@@ -26,6 +26,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from abqllm.kernels import dense_prefill as DP  # noqa: E402
 from abqllm.kernels import kpacked_linear as KL  # noqa: E402
 from abqllm.kernels import triton_linear as TL  # noqa: E402
 from abqllm.kernels.reference import linear_reference  # noqa: E402
@@ -47,6 +48,8 @@ SWEEP = [dict(bn=1024, bw=4, num_warps=4, warps_per_sm=16), dict(bn=1024, bw=4, 
          dict(bn=2048, bw=4, num_warps=4), dict(bn=2048, bw=2, num_warps=4),
          # the next tile's words loaded before this one is computed (two tiles in flight per thread)
          dict(bn=1024, bw=4, num_warps=4, prefetch=True), dict(bn=2048, bw=4, num_warps=4, prefetch=True)]
+E2E_VARIANTS = ["fp16", "W4A16", "W2A8", "W8A8", "W4A8", "W3A8", "W2*A8", "W2A16", "W4A16/kpacked", "W2A8/kpacked"]
+SECTIONS = ("correctness", "timings", "sweep", "small_m", "large_m", "e2e")
 T0 = time.time()
 
 
@@ -94,12 +97,14 @@ def _warm(items):
     errs = []
     for item in items:
         try:
-            if item[0] == "gemm":  # kp_gemm and qlinear_kernel at this M
+            if item[0] == "gemm":  # kp_gemm, qlinear_kernel and the dense path at this M
                 _, scheme, n, k, m = item
-                L = layer(scheme, n, k, dev)
+                name_, _, pc = scheme.partition("/")
+                L = layer(name_, n, k, dev, gs=0 if pc else 128)
                 x = torch.randn(m, k, device=dev, dtype=torch.float16)
                 KL.kp_gemm(x, **KL.layer_kp_args(L))
                 TL.qlinear(x, **TL.layer_args(L))
+                DP.dense_qlinear(x, **KL.layer_kp_args(L))
                 continue
             scheme, n, k, cfg, gs, m = item
             L = layer(scheme, n, k, dev, gs=gs)
@@ -116,7 +121,13 @@ def main():
     ap.add_argument("--budget-s", type=float, default=420)
     ap.add_argument("--lean", action="store_true", help="fewer correctness cases and no small-M section")
     ap.add_argument("--cpu", action="store_true", help="dry run on tiny shapes in Triton's interpreter")
+    ap.add_argument("--sections", default=",".join(SECTIONS),
+                    help=f"comma-separated subset of {','.join(SECTIONS)} (ceilings always run)")
     args = ap.parse_args()
+    chosen = set(args.sections.split(","))
+    if not chosen <= set(SECTIONS):
+        ap.error(f"unknown sections {sorted(chosen - set(SECTIONS))}; choose from {','.join(SECTIONS)}")
+    want = chosen.__contains__
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     targs = argparse.Namespace(calls=20, replays=7)
@@ -136,15 +147,16 @@ def main():
     # ---- compile every variant in parallel worker processes (fills Triton's disk cache)
     schemes = [w + a for w in WIDTHS for a in (("A16", "A8") if args.lean else ("A16", "A8", "A4"))]
     shapes = [(S(n), S(k)) for n, k in SHAPES]
-    items = [(s, n, k, None, 128, 1) for s in schemes for (n, k) in shapes]
-    items += [(s, 200, 4096, None, 128, 1) for s in schemes]
-    if not args.lean:
+    items = [(s, n, k, None, 128, 1) for s in schemes for (n, k) in shapes] if want("timings") else []
+    items += [(s, 200, 4096, None, 128, 1) for s in schemes] if want("correctness") else []
+    if not args.lean and want("correctness"):
         items += [(s, 200, k, None, gs, 1) for s in schemes for gs, k in ((0, 576), (64, 1000))]
-    items += [(s, 8192, 8192, KL.KpConfig(**c), 128, 1) for s in SWEEP_SCHEMES for c in SWEEP]
-    items += [(s, 4096, 4096, None, 128, m) for s in ("W4A16", "W2A8") for m in (2, 4, 8)]
-    gemm_items = [(s, n, k, m) for s in ("W4A16", "W8A8", "W4A8", "W2A16", "W3A16", "W2A8")
+    items += [(s, 8192, 8192, KL.KpConfig(**c), 128, 1) for s in SWEEP_SCHEMES for c in SWEEP] if want("sweep") else []
+    if want("small_m") and not args.lean:
+        items += [(s, 4096, 4096, None, 128, m) for s in ("W4A16", "W2A8") for m in (2, 4, 8)]
+    gemm_items = [(s, n, k, m) for s in ("W4A16", "W8A8", "W4A8", "W2A16", "W3A16", "W2A8", "W8A8/pc", "W4A8/pc")
                   for m, (n, k) in ((2048, (8192, 8192)), (16, (8192, 8192)), (128, (4096, 4096)))]
-    items += [("gemm",) + it for it in gemm_items]
+    items += [("gemm",) + it for it in gemm_items] if want("large_m") else []
     chunks = [items[i::14] for i in range(14)]
     if CPU:  # nothing to compile in the interpreter
         chunks = []
@@ -161,7 +173,7 @@ def main():
 
     # ---- correctness vs the float64 reference, outputs poisoned with NaN, workspace zero afterwards
     rows = []
-    for scheme in schemes:
+    for scheme in schemes if want("correctness") else ():
         for gs, k, m in ((128, S(4096), 1),) + (() if args.lean else ((0, S(576) + 8, 1), (64, S(1000) + 40, 3))):
             qs = parse_scheme(scheme + (f"g{gs}" if gs else ""))
             L = llama.random_quant_linear(k, 200, qs.layer, "cpu", seed=k)
@@ -191,7 +203,7 @@ def main():
 
     # ---- M = 1 timings
     res["timings"] = []
-    for si, (n, k) in enumerate(shapes[:2] if args.lean or CPU else shapes):
+    for si, (n, k) in enumerate((shapes[:2] if args.lean or CPU else shapes) if want("timings") else []):
         c = GS.copies_needed(n * k * 2, not CPU)
         ws_ = [torch.randn(n, k, device=dev, dtype=torch.float16) for _ in range(c)]
         xs = [torch.randn(1, k, device=dev, dtype=torch.float16) for _ in range(c)]
@@ -230,7 +242,7 @@ def main():
     # ---- tile sweep at N = K = 8192
     res["sweep"] = []
     n = k = S(8192)
-    for scheme in SWEEP_SCHEMES:
+    for scheme in SWEEP_SCHEMES if want("sweep") else ():
         qs = parse_scheme(scheme + "g128")
         c = GS.copies_needed(n * k * qs.weight.storage_bits // 8, not CPU)
         Ls = [layer(scheme, n, k, dev, seed=i) for i in range(c)]
@@ -252,7 +264,7 @@ def main():
     # and kp_gemm (16-row tensor-core tiles with split-K)
     res["small_m"] = []
     n = k = S(4096)
-    for scheme in () if args.lean else ("W4A16", "W2A8"):
+    for scheme in () if args.lean or not want("small_m") else ("W4A16", "W2A8"):
         qs = parse_scheme(scheme + "g128")
         c = GS.copies_needed(n * k * qs.weight.storage_bits // 8, not CPU)
         Ls = [layer(scheme, n, k, dev, seed=i) for i in range(c)]
@@ -271,7 +283,7 @@ def main():
 
     # ---- M = 16 and M = 2048: kp_gemm (k-packed, tensor cores) vs qlinear_kernel (bitstream) vs cuBLAS / _int_mm
     res["large_m"] = []
-    for m, (n, k) in ((2048, (8192, 8192)), (16, (8192, 8192)), (2048, (4096, 11008))):
+    for m, (n, k) in ((2048, (8192, 8192)), (16, (8192, 8192)), (2048, (4096, 11008))) if want("large_m") else ():
         m, n, k = M(m), S(n), S(k)
         if left() < 70:
             break
@@ -287,18 +299,26 @@ def main():
         except RuntimeError as e:  # (the CPU build may lack it for some sizes)
             row["int_mm_error"] = str(e)[-200:]
         del a8, b8
-        for scheme in ("W4A16", "W8A8", "W4A8", "W2A16", "W3A16"):
-            qs = parse_scheme(scheme + "g128")
-            Ls = [layer(scheme, n, k, dev, seed=i) for i in range(2)]
+        # "/pc": per-channel weights, which the dense path serves with torch._int_mm at A8
+        for scheme in ("W4A16", "W8A8", "W4A8", "W2A16", "W3A16", "W8A8/pc", "W4A8/pc"):
+            name_, _, pc = scheme.partition("/")
+            Ls = [layer(name_, n, k, dev, seed=i, gs=0 if pc else 128) for i in range(2)]
             for L in Ls:
                 KL.layer_kpacked(L)
             for name, f in (("kp_gemm", lambda L, x: KL.kp_gemm(x, **KL.layer_kp_args(L))),
-                            ("qlinear", lambda L, x: TL.qlinear(x, **TL.layer_args(L)))):
+                            ("qlinear", lambda L, x: TL.qlinear(x, **TL.layer_args(L))),
+                            ("dense", lambda L, x: DP.dense_qlinear(x, **KL.layer_kp_args(L)))):
                 try:
                     row[f"{scheme} {name}_us"] = timed([lambda L=L, x=x, f=f: f(L, x) for L, x in zip(Ls, xs)])
                 except Exception as e:  # noqa: BLE001
                     row[f"{scheme} {name}_error"] = str(e)[-200:]
-            del Ls
+            # the dense path's expansion alone (int8 where it takes torch._int_mm)
+            int8 = bool(pc) and parse_scheme(name_).act.bits != 16 and DP.int_mm_ok(m, n, k)
+            kps = [KL.layer_kpacked(L) for L in Ls]
+            row[f"{scheme} expand_us"] = timed([lambda p=p: DP.expand_kpacked(
+                p.qweight_t, p.scales_t, p.zeros_t, k, p.bits, p.group_size, torch.int8 if int8 else torch.float16)
+                for p in kps])
+            del Ls, kps
         res["large_m"].append(row)
         log(f"large M {m} {n}x{k}: " + ", ".join(f"{a}={b:.1f}" for a, b in row.items() if a.endswith("_us")))
         save()
@@ -308,7 +328,7 @@ def main():
     prompt, new = (128, 256) if not CPU else (8, 4)
     shape = llama.Shape(max_seq=prompt + new) if not CPU else llama.Shape(dim=64, n_layers=2, n_heads=4, ffn=160,
                                                                           vocab=256, max_seq=prompt + new)
-    for variant in ["fp16", "W4A16", "W2A8", "W8A8", "W4A8", "W3A8", "W2*A8", "W2A16", "W4A16/kpacked", "W2A8/kpacked"]:
+    for variant in E2E_VARIANTS if want("e2e") else ():
         if left() < 20:
             break
         scheme, _, kernel = variant.partition("/")

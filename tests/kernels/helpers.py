@@ -63,3 +63,18 @@ def run_in_interpreter(test_file: str, *pytest_args: str) -> None:
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test_file, *pytest_args],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+
+
+# Unit roundoff of each float dtype: the dense prefill path rounds W_hat (and fake-quantized activations) to it.
+UNIT = {torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8, torch.float32: 2.0 ** -24}
+
+
+def check_close_rounded(y, ref, dtype, magnitude):
+    """check_close, plus the error a dot of K operands rounded to `dtype` may carry: 2u * sum_k |x_k| |w_k|
+    (`magnitude` = |x| @ |W|^T in float64). For kernels that multiply a dequantized weight in x's dtype."""
+    rtol, atol = TOL[dtype]
+    y = y.cpu()
+    assert y.dtype == dtype and torch.isfinite(y).all(), "NaN/inf in the output: an element was not written"
+    err = (y.double() - ref).abs()
+    bound = rtol * ref.abs() + atol * ref.abs().max() + 2 * UNIT[dtype] * magnitude
+    assert (err <= bound).all(), f"max err {err.max().item():.3e}, worst ratio {(err / bound).max().item():.2f}"

@@ -102,6 +102,8 @@ import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, str(ROOT))
 from abqllm.kernels import cuda as CU  # noqa: E402
+from abqllm.kernels import dense_prefill as DP  # noqa: E402
+from abqllm.kernels import kpacked_linear as KL  # noqa: E402
 from abqllm.kernels import triton_linear as TL  # noqa: E402
 from abqllm.kernels.reference import linear_reference  # noqa: E402
 from abqllm.spec import ActSpec, LayerSpec, WeightSpec, parse_scheme  # noqa: E402
@@ -263,7 +265,10 @@ def _warm_worker(items: list) -> list:
         try:
             spec = LayerSpec(WeightSpec(bits, balanced=balanced, group_size=gs), ActSpec(a, symmetric=(m == 5)))
             layer = llama.random_quant_linear(k, n, spec, dev)
-            TL.qlinear(torch.randn(m, k, device=dev, dtype=dtype), **TL.layer_args(layer), config=cfg)
+            x = torch.randn(m, k, device=dev, dtype=dtype)
+            TL.qlinear(x, **TL.layer_args(layer), config=cfg)
+            if cfg is None:  # and what the layer runs at this M (the k-packed GEMV, the dense path)
+                TL.linear_triton(layer, x)
         except Exception as e:  # noqa: BLE001
             errors.append(f"{wname}A{a} M={m} N={n} K={k}: {type(e).__name__}: {e}"[-300:])
     torch.cuda.synchronize()
@@ -480,11 +485,13 @@ def section_kernels(dev, args, ceil: dict, res: Results) -> dict:
                     nbytes = wbytes + 2 * (m * k + m * n)
                     scheme = f"{wname}A{a}"
                     try:
-                        t = time_fn([lambda L=L, x=x: TL.qlinear(x, **TL.layer_args(L)) for L, x in zip(layers, xs)],
-                                    args, cuda)
+                        # the registered 'triton' kernel, as `auto` runs it: the k-packed GEMV at M = 1, the
+                        # dense path (expansion + cuBLAS) from DENSE_MIN_M rows, qlinear_kernel between
+                        t = time_fn([lambda L=L, x=x: TL.linear_triton(L, x) for L, x in zip(layers, xs)], args, cuda)
+                        path = ("kp_gemv" if KL.use_gemv(xs[0]) else "dense" if DP.use_dense(xs[0]) else
+                                str(TL.default_config(m, n, k, gs, a != 16, dev)))
                         rows.append(dict(kernel="triton", scheme=scheme, m=m, n=n, k=k, us=t["s"] * 1e6,
-                                         mode=t["mode"], vs_fp16=round(fp16 / t["s"], 3),
-                                         config=str(TL.default_config(m, n, k, gs, a != 16, dev)),
+                                         mode=t["mode"], vs_fp16=round(fp16 / t["s"], 3), config=path,
                                          **roofline(nbytes, flops, t["s"], ceil, a != 16)))
                     except Exception as e:  # noqa: BLE001
                         rows.append(dict(kernel="triton", scheme=scheme, m=m, n=n, k=k,

@@ -183,7 +183,10 @@ def test_gpu_dense_matches_reference(w, a):
         ref, mag = linear_reference(layer, x.double()), magnitude(layer, x.double())
         y = torch.full((m, 296), float("nan"), dtype=torch.float16, device=dev)
         D.dense_qlinear(x.to(dev), **KL.layer_kp_args(layer.to(dev)), out=y)
-        check_close_rounded(y, ref, torch.float16, mag)
+        if a != 16 and not gs and D.int_mm_ok(m, 296, k):
+            check_close(y, ref, torch.float16)  # torch._int_mm and the integer epilogue: exact sums
+        else:
+            check_close_rounded(y, ref, torch.float16, mag)
 
 
 @pytest.mark.gpu

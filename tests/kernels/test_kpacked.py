@@ -257,9 +257,11 @@ def test_gpu_keep_only_kpacked_serves_every_m_and_still_saves():
     layer = torch.nn.Sequential(copy.deepcopy(cpu_layer).to(dev))
     freed = KL.keep_only_kpacked(layer)
     assert freed == state["qweight"].numel() * 4 and not layer[0].qweight.is_cuda
-    for m in (1, 5, 300):
+    from tests.kernels.test_dense_prefill import magnitude
+    for m in (1, 5, 300):  # the GEMV, kp_gemm, and the dense path (W4A8 g128: fake-quantized activations in fp16)
         x = torch.randn(m, 1024).half()
-        check_close(layer(x.to(dev)), linear_reference(cpu_layer, x.double()), torch.float16)
+        helpers.check_close_rounded(layer(x.to(dev)), linear_reference(cpu_layer, x.double()), torch.float16,
+                                    magnitude(cpu_layer, x.double()) if m >= 256 else torch.zeros(m, 512))
     assert all(torch.equal(v.cpu(), state[k]) for k, v in layer[0].state_dict().items())
 
 

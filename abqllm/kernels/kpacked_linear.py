@@ -33,7 +33,10 @@ class KpConfig:
     split_k: int = 0
     num_warps: int = 4
     num_stages: int = 1
-    warps_per_sm: int = 32
+    # 16 = 4 four-warp programs per SM: the split the best H200 timings ran with (4 programs per SM, 1024 x 4
+    # tiles). At 80-128 registers a thread (benchmarks/results/kp_sass.json) 4-6 such programs fit on an SM, so 16
+    # is one wave; 32 (untimed) would need a second wave for most widths.
+    warps_per_sm: int = 16
     prefetch: bool = False  # load the next tile before computing this one (untimed; see kp_gemv_kernel)
 
 

@@ -47,7 +47,11 @@ SWEEP = [dict(bn=1024, bw=4, num_warps=4, warps_per_sm=16), dict(bn=1024, bw=4, 
          # spills there), benchmarks/results/kp_sass.json
          dict(bn=2048, bw=4, num_warps=4), dict(bn=2048, bw=2, num_warps=4),
          # the next tile's words loaded before this one is computed (two tiles in flight per thread)
-         dict(bn=1024, bw=4, num_warps=4, prefetch=True), dict(bn=2048, bw=4, num_warps=4, prefetch=True)]
+         dict(bn=1024, bw=4, num_warps=4, prefetch=True), dict(bn=2048, bw=4, num_warps=4, prefetch=True),
+         # Run 3 (not yet run): waves. 80 registers (W4, W8) fit 6 four-warp programs per SM, 119-128 (W2) fit 4:
+         # 24 resident warps is one full wave for the former; fewer, longer programs with the next tile in flight
+         dict(bn=1024, bw=4, num_warps=4, warps_per_sm=24), dict(bn=1024, bw=4, num_warps=4, warps_per_sm=8, prefetch=True),
+         dict(bn=1024, bw=4, num_warps=4, warps_per_sm=16, prefetch=True)]
 E2E_VARIANTS = ["fp16", "W4A16", "W2A8", "W8A8", "W4A8", "W3A8", "W2*A8", "W2A16", "W4A16/kpacked", "W2A8/kpacked"]
 SECTIONS = ("correctness", "timings", "sweep", "small_m", "large_m", "e2e")
 T0 = time.time()

@@ -14,6 +14,7 @@ never synchronize with the host). Ops:
 - abqllm::kp_gemm(same arguments) -> y: any M on the k-packed layout, tensor cores.
 - abqllm::dense_qlinear(same arguments) -> y: prefill, the k-packed weights expanded for a cuBLAS GEMM
   (kernels/dense_prefill.py).
+- abqllm::cuda_gemv(same arguments) -> y: the hand-written CUDA decode GEMV (kernels/cuda_gemv.py), fp16 x.
 """
 
 from __future__ import annotations
@@ -103,3 +104,15 @@ def dense_qlinear(x: Tensor, qweight_t: Tensor, scales_t: Tensor, zeros_t: Tenso
 
 
 dense_qlinear.register_fake(_kp_fake)
+
+
+@torch.library.custom_op("abqllm::cuda_gemv", mutates_args=())
+def cuda_gemv(x: Tensor, qweight_t: Tensor, scales_t: Tensor, zeros_t: Tensor, bias: Optional[Tensor],
+              act_scale: Optional[Tensor], act_zero: Optional[Tensor], in_features: int, bits: int, group_size: int,
+              act_bits: int, act_symmetric: bool) -> Tensor:
+    from abqllm.kernels import cuda_gemv as CG
+    return CG.cuda_gemv(x, qweight_t, scales_t, zeros_t, bias, act_scale, act_zero, in_features, bits, group_size,
+                        act_bits, act_symmetric)
+
+
+cuda_gemv.register_fake(_kp_fake)

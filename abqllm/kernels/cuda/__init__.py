@@ -50,11 +50,11 @@ def find_nvcc() -> str | None:
     return str(default) if default.exists() else None
 
 
-def nvcc_command(nvcc: str, arch: str, out: Path, *, shared: bool = True) -> list[str]:
+def nvcc_command(nvcc: str, arch: str, out: Path, *, shared: bool = True, source: Path = SOURCE) -> list[str]:
     """The build command; `arch` like '90' (sm_90). Also used by the CPU test that only compiles."""
     cmd = [nvcc, "-O3", "-std=c++17", "-lineinfo", f"-gencode=arch=compute_{arch},code=sm_{arch}"]
     cmd += ["-shared", "-Xcompiler", "-fPIC"] if shared else ["-c"]
-    return cmd + [str(SOURCE), "-o", str(out)]
+    return cmd + [str(source), "-o", str(out)]
 
 
 def _cache_dir() -> Path:
@@ -62,21 +62,21 @@ def _cache_dir() -> Path:
     return Path(root) / "cuda"
 
 
-def build(arch: str, nvcc: str | None = None) -> Path:
-    """Compile abq_bmma.cu for sm_<arch> (cached); returns the shared library's path."""
+def build(arch: str, nvcc: str | None = None, source: Path = SOURCE) -> Path:
+    """Compile `source` (abq_bmma.cu unless given) for sm_<arch> (cached); returns the shared library's path."""
     nvcc = nvcc or find_nvcc()
     if nvcc is None:
-        raise AbqError("the CUDA binary kernels need nvcc (set CUDA_HOME or put nvcc on PATH)")
+        raise AbqError("the CUDA kernels need nvcc (set CUDA_HOME or put nvcc on PATH)")
     version = subprocess.run([nvcc, "--version"], capture_output=True, text=True, check=True).stdout
-    key = hashlib.sha256(SOURCE.read_bytes() + arch.encode() + version.encode()).hexdigest()[:16]
-    out = _cache_dir() / f"abq_bmma_sm{arch}_{key}.so"
+    key = hashlib.sha256(source.read_bytes() + arch.encode() + version.encode()).hexdigest()[:16]
+    out = _cache_dir() / f"{source.stem}_sm{arch}_{key}.so"
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(f".{os.getpid()}.tmp.so")
-    proc = subprocess.run(nvcc_command(nvcc, arch, tmp), capture_output=True, text=True)
+    proc = subprocess.run(nvcc_command(nvcc, arch, tmp, source=source), capture_output=True, text=True)
     if proc.returncode:
-        raise AbqError(f"nvcc failed to build {SOURCE.name} for sm_{arch}:\n{proc.stderr[-4000:]}")
+        raise AbqError(f"nvcc failed to build {source.name} for sm_{arch}:\n{proc.stderr[-4000:]}")
     os.replace(tmp, out)  # atomic: concurrent builders never load a half-written library
     return out
 

@@ -1,0 +1,458 @@
+// Decode GEMV on the k-packed layout (abqllm/kernels/kpacked.py), hand-written for few instructions per code.
+//
+// Layout: qweight_t [NW, N] int32, N-contiguous; word (g * WPG + i, n) holds PER = 32 / BITS codes of column n
+// (code j at bits [j * BITS, j * BITS + BITS)), columns g * SEG + i * PER + j of row n; scales_t [G, N] fp16,
+// zeros_t [G, N] uint8. BITS is 1, 2, 4 or 8 here (codes never straddle a byte or a half-word).
+//
+// Work split: a block of 4 warps owns 128 output columns (4 per lane: one 16-byte load per word row) and a run
+// of word rows (split-K across blocks); its warps take consecutive quarters of the run and meet in shared
+// memory, and the blocks of a column tile meet in a float32 workspace through atomics; the last block to finish
+// (a counter per tile) writes y and leaves workspace and counter zero.
+//
+// Arithmetic, per word of 4 columns:
+//  - A16 (fp16 x, float32 arithmetic): code j's bit field, masked in place and ORed into the exponent of 2^23,
+//    is the float 2^23 + code * 2^sh; one FADD leaves code * 2^sh and one FFMA multiplies it by x_j * 2^-sh,
+//    staged in shared memory (exact: a power of two). Fields that end above bit 23 are read from the word
+//    shifted right once (HIGH). Three instructions a code, every product exact; per group
+//    s * (sum code x - z sum x). (Half2 arithmetic would take 2.5 a code but overflows fp16 on the large
+//    activations LLMs have, and rounds every product.)
+//  - A8 (int8 codes xq = u_x - c and offset a, u_x - z_x = xq + a): bytes of (word >> j * BITS) & mask are
+//    codes j, R + j, 2R + j, 3R + j (R = 8 / BITS), and one dp4a (unsigned x signed) against the staged x bytes
+//    adds four exact products. Per group: s * (sum u xq - z sum xq + a (sum u - z count)), in integers.
+//
+// Every phase is a __host__ __device__ function: the kernel runs them with barriers between, and
+// abq_gemv_emulate runs the same functions block by block on the CPU (barriers become phase boundaries,
+// atomics plain updates), which is how the CPU test suite checks this file without a GPU.
+
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+#include <string.h>
+
+#include <vector>
+
+#define HD __host__ __device__ __forceinline__
+
+namespace kpgemv {
+
+constexpr int WARPS = 4;
+constexpr int THREADS = WARPS * 32;
+constexpr int COLS = 4;                  // columns per lane (one int4 load of words)
+constexpr int TILE_N = 32 * COLS;        // columns per block
+constexpr int UNROLL = 4;                // word rows loaded before any is used
+
+struct Args {
+  const int32_t* qw;    // [NW, N]
+  const __half* sw;     // [G, N]
+  const uint8_t* zw;    // [G, N]
+  const void* x;        // A16: fp16 [M, stride_x]; A8: int8 xq [M, stride_x]
+  const float* sx;      // A8: token scale [M]
+  const int32_t* ax;    // A8: activation offset [M]
+  const __half* bias;   // [N] or null
+  __half* y;            // [M, stride_y]
+  float* ws;            // [M, N] zero, split-K partial sums
+  int32_t* cnt;         // [M, tiles] zero, split-K arrival counters
+  int N, K, SEG, WPG, NW, stride_x, stride_y, words_per_split, splits, tiles;
+  // 0x4B000000 (2^23), a run-time value so that it sits in a register: then each code's mask is the immediate
+  // of one LOP3 ((word & mask) | magic). As a constant, nvcc splits that into two LOP3s (one immediate each).
+  uint32_t magic;
+};
+
+struct Shared {        // views into the block's dynamic shared memory
+  uint32_t* xt;        // staged x: A16 float x_j * 2^-sh [words][PER]; A8 byte quads [words][R]
+  int32_t* xsum;       // A8: sum of the word's real xq; A16: the float sum of its real x (bit pattern)
+  int32_t* xcnt;       // A8: real codes in the word
+  float* red;          // [WARPS][TILE_N] per-warp partial sums
+  int32_t* last;       // this block finishes its tile
+};
+
+template <int BITS, bool A8>
+struct Traits {
+  static constexpr int PER = 32 / BITS;
+  static constexpr int SLOTS = A8 ? 8 / BITS : 32 / BITS;  // staged x entries per word
+};
+
+// First code whose field ends above mantissa bit 23 (read from word >> HIGH), and the shift of code j's field
+// within the word it is read from.
+template <int BITS>
+HD constexpr int high_shift() {
+  return (23 / BITS) * BITS + BITS > 23 ? (23 / BITS) * BITS : 0;
+}
+template <int BITS>
+HD constexpr int field_shift(int j) {
+  return j * BITS + BITS <= 23 ? j * BITS : j * BITS - high_shift<BITS>();
+}
+
+HD float bits_float(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
+HD uint32_t float_bits(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
+
+// sum of four unsigned bytes of a times the four signed bytes of b, plus c
+HD int32_t dp4a_us(uint32_t a, uint32_t b, int32_t c) {
+#ifdef __CUDA_ARCH__
+  int32_t d;
+  asm("dp4a.u32.s32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+  return d;
+#else
+  for (int i = 0; i < 4; ++i) c += (int32_t)((a >> (8 * i)) & 0xFF) * (int32_t)(int8_t)((b >> (8 * i)) & 0xFF);
+  return c;
+#endif
+}
+
+HD void load_words(const int4* src, uint32_t out[COLS]) {
+#ifdef __CUDA_ARCH__
+  int4 v = __ldcs(src);  // streamed once: evict first
+#else
+  int4 v = *src;
+#endif
+  out[0] = (uint32_t)v.x; out[1] = (uint32_t)v.y; out[2] = (uint32_t)v.z; out[3] = (uint32_t)v.w;
+}
+
+HD float atomic_add_f(float* p, float v) {
+#ifdef __CUDA_ARCH__
+  return atomicAdd(p, v);
+#else
+  float old = *p; *p = old + v; return old;
+#endif
+}
+
+HD float atomic_take_f(float* p) {  // read the total at L2 and leave zero
+#ifdef __CUDA_ARCH__
+  return atomicExch(p, 0.0f);
+#else
+  float old = *p; *p = 0.0f; return old;
+#endif
+}
+
+HD int32_t atomic_inc_i(int32_t* p) {
+#ifdef __CUDA_ARCH__
+  return atomicAdd(p, 1);
+#else
+  return (*p)++;
+#endif
+}
+
+HD void fence() {
+#ifdef __CUDA_ARCH__
+  __threadfence();
+#endif
+}
+
+// Column k of word w's slot `code` (within the word), or -1 past the segment or past K.
+HD int code_column(const Args& p, int w, int code, int PER) {
+  int g = w / p.WPG, i = w - g * p.WPG;
+  int in_seg = i * PER + code;
+  int k = g * p.SEG + in_seg;
+  return (in_seg < p.SEG && k < p.K) ? k : -1;
+}
+
+// ---- phase 1: stage the block's x (thread tid of THREADS)
+template <int BITS, bool A8>
+HD void stage_x(const Args& p, const Shared& s, int row, int w0, int nwords, int tid) {
+  constexpr int PER = Traits<BITS, A8>::PER, SLOTS = Traits<BITS, A8>::SLOTS;
+  for (int e = tid; e < nwords * SLOTS; e += THREADS) {
+    int wl = e / SLOTS, j = e - wl * SLOTS, w = w0 + wl;
+    if (A8) {
+      const int8_t* x = static_cast<const int8_t*>(p.x) + (size_t)row * p.stride_x;
+      uint32_t quad = 0;
+      for (int b = 0; b < 4; ++b) {
+        int k = code_column(p, w, b * SLOTS + j, PER);
+        quad |= (uint32_t)(uint8_t)(k >= 0 ? x[k] : 0) << (8 * b);
+      }
+      s.xt[e] = quad;
+    } else {
+      const __half* x = static_cast<const __half*>(p.x) + (size_t)row * p.stride_x;
+      int k = code_column(p, w, j, PER);
+      float v = k >= 0 ? __half2float(x[k]) : 0.f;
+      s.xt[e] = float_bits(v * (1.0f / (float)(1u << field_shift<BITS>(j))));
+    }
+  }
+  for (int wl = tid; wl < nwords; wl += THREADS) {
+    if (A8) {
+      const int8_t* x = static_cast<const int8_t*>(p.x) + (size_t)row * p.stride_x;
+      int sum = 0, count = 0;
+      for (int c = 0; c < PER; ++c) {
+        int k = code_column(p, w0 + wl, c, PER);
+        if (k >= 0) { sum += x[k]; ++count; }
+      }
+      s.xsum[wl] = sum;
+      s.xcnt[wl] = count;
+    } else {
+      const __half* x = static_cast<const __half*>(p.x) + (size_t)row * p.stride_x;
+      float sum = 0.f;
+      for (int c = 0; c < PER; ++c) {
+        int k = code_column(p, w0 + wl, c, PER);
+        if (k >= 0) sum += __half2float(x[k]);
+      }
+      s.xsum[wl] = (int32_t)float_bits(sum);
+    }
+  }
+}
+
+// ---- phase 2: this lane's 4 columns over its warp's quarter of the block's words; partials to s.red
+template <int BITS, bool A8>
+HD void accumulate(const Args& p, const Shared& s, int row, int tile, int w0, int nwords, int tid) {
+  constexpr int SLOTS = Traits<BITS, A8>::SLOTS;
+  constexpr uint32_t FIELD = (1u << BITS) - 1;
+  constexpr uint32_t MASK = FIELD * 0x01010101u;  // A8: the field in each byte
+  const int warp = tid / 32, lane = tid % 32;
+  const int n0 = tile * TILE_N + lane * COLS;
+  float acc[COLS] = {0.f, 0.f, 0.f, 0.f};
+  if (n0 < p.N) {
+    const int per_warp = (nwords + WARPS - 1) / WARPS;
+    const int wa = w0 + warp * per_warp;
+    const int wb = (w0 + nwords < wa + per_warp) ? w0 + nwords : wa + per_warp;
+    const int a = A8 ? p.ax[row] : 0;
+    // the running group (ends before word `group_end`): its scale and zero, and its integer (A8) or float (A16)
+    // sums. Tracked by its end so that the loop divides only when a group starts.
+    int group_end = wa;
+    // a running pointer to word row w's 4 columns (N % 4 == 0): one add per load, no 64-bit multiplies
+    const size_t row4 = (size_t)(p.N / 4);
+    const int4* wp = reinterpret_cast<const int4*>(p.qw + (size_t)wa * p.N + n0);
+    const uint32_t magic = p.magic;
+    float scale[COLS] = {0.f, 0.f, 0.f, 0.f};
+    int32_t zero[COLS] = {0, 0, 0, 0};
+    float gsum[COLS] = {0.f, 0.f, 0.f, 0.f};
+    int32_t dot[COLS] = {0, 0, 0, 0}, usum[COLS] = {0, 0, 0, 0};
+    int32_t xs = 0, xc = 0;  // A8: the group's sum of xq and count of real codes
+    float xsf = 0.f;         // A16: the group's sum of x
+    for (int w = wa; w < wb; w += UNROLL, wp += UNROLL * row4) {
+      uint32_t words[UNROLL][COLS];
+#pragma unroll
+      for (int u = 0; u < UNROLL; ++u) {
+        if (w + u < wb) load_words(wp + u * row4, words[u]);
+      }
+#pragma unroll
+      for (int u = 0; u < UNROLL; ++u) {
+        const int wu = w + u;
+        if (wu >= wb) break;
+        if (wu >= group_end) {  // flush the finished group, fetch the next one's scale and zero
+          const int g = wu / p.WPG;
+          group_end = (g + 1) * p.WPG;
+          for (int c = 0; c < COLS; ++c) {
+            if (A8) {
+              long long t = (long long)dot[c] - (long long)zero[c] * xs + (long long)a * (usum[c] - (long long)zero[c] * xc);
+              acc[c] += scale[c] * (float)t;
+              dot[c] = 0; usum[c] = 0;
+            } else {
+              acc[c] += scale[c] * (gsum[c] - (float)zero[c] * xsf);
+              gsum[c] = 0.f;
+            }
+            scale[c] = __half2float(p.sw[(size_t)g * p.N + n0 + c]);
+            zero[c] = p.zw[(size_t)g * p.N + n0 + c];
+          }
+          xs = 0; xc = 0; xsf = 0.f;
+        }
+        const uint32_t* xw = s.xt + (size_t)(wu - w0) * SLOTS;
+        if (A8) {
+          xs += s.xsum[wu - w0];
+          xc += s.xcnt[wu - w0];
+#pragma unroll
+          for (int j = 0; j < SLOTS; ++j) {
+            const uint32_t xq = xw[j];
+#pragma unroll
+            for (int c = 0; c < COLS; ++c) {
+              const uint32_t v = (words[u][c] >> (j * BITS)) & MASK;
+              dot[c] = dp4a_us(v, xq, dot[c]);
+              if (a != 0) usum[c] = dp4a_us(v, 0x01010101u, usum[c]);  // uniform branch
+            }
+          }
+        } else {
+          xsf += bits_float((uint32_t)s.xsum[wu - w0]);
+          uint32_t high[COLS];
+#pragma unroll
+          for (int c = 0; c < COLS; ++c) high[c] = words[u][c] >> high_shift<BITS>();
+#pragma unroll
+          for (int j = 0; j < SLOTS; ++j) {
+            const float xj = bits_float(xw[j]);
+#pragma unroll
+            for (int c = 0; c < COLS; ++c) {
+              const uint32_t src = j * BITS + BITS <= 23 ? words[u][c] : high[c];
+              const float code = bits_float((src & (FIELD << field_shift<BITS>(j))) | magic) - 8388608.0f;
+              gsum[c] = fmaf(code, xj, gsum[c]);
+            }
+          }
+        }
+      }
+    }
+    for (int c = 0; c < COLS; ++c) {  // the last group
+      if (A8) {
+        long long t = (long long)dot[c] - (long long)zero[c] * xs + (long long)a * (usum[c] - (long long)zero[c] * xc);
+        acc[c] += scale[c] * (float)t;
+      } else {
+        acc[c] += scale[c] * (gsum[c] - (float)zero[c] * xsf);
+      }
+      if (A8) acc[c] *= p.sx[row];
+    }
+  }
+  for (int c = 0; c < COLS; ++c) s.red[warp * TILE_N + lane * COLS + c] = acc[c];
+}
+
+// ---- phase 3: the block's sum of one column (thread tid = column in tile); to y, or into the workspace
+HD float block_column(const Shared& s, int tid) {
+  float t = 0.f;
+  for (int wp = 0; wp < WARPS; ++wp) t += s.red[wp * TILE_N + tid];
+  return t;
+}
+
+HD void write_y(const Args& p, int row, int n, float v) {
+  if (p.bias) v += __half2float(p.bias[n]);
+  p.y[(size_t)row * p.stride_y + n] = __float2half_rn(v);
+}
+
+HD void publish(const Args& p, const Shared& s, int row, int tile, int tid) {
+  const int n = tile * TILE_N + tid;
+  const float v = block_column(s, tid);
+  if (n >= p.N) return;
+  if (p.splits == 1) {
+    write_y(p, row, n, v);
+  } else {
+    atomic_add_f(p.ws + (size_t)row * p.N + n, v);
+    fence();  // this thread's partial is visible before the block's arrival is counted
+  }
+}
+
+HD void arrive(const Args& p, const Shared& s, int row, int tile) {  // one thread per block
+  int ticket = atomic_inc_i(p.cnt + (size_t)row * p.tiles + tile);
+  *s.last = ticket == p.splits - 1;
+}
+
+HD void finish(const Args& p, const Shared& s, int row, int tile, int tid) {
+  if (!*s.last) return;
+  const int n = tile * TILE_N + tid;
+  if (n < p.N) write_y(p, row, n, atomic_take_f(p.ws + (size_t)row * p.N + n));
+  if (tid == 0) p.cnt[(size_t)row * p.tiles + tile] = 0;
+}
+
+HD size_t shared_bytes(int words, int slots, bool a8) {
+  return (size_t)words * slots * 4 + (size_t)words * (a8 ? 8 : 4) + (size_t)WARPS * TILE_N * 4 + 16;
+}
+
+HD Shared carve(unsigned char* base, int words, int slots, bool a8) {
+  Shared s;
+  s.red = reinterpret_cast<float*>(base);
+  s.last = reinterpret_cast<int32_t*>(base + (size_t)WARPS * TILE_N * 4);
+  unsigned char* rest = base + (size_t)WARPS * TILE_N * 4 + 16;
+  s.xt = reinterpret_cast<uint32_t*>(rest);
+  s.xsum = reinterpret_cast<int32_t*>(rest + (size_t)words * slots * 4);
+  s.xcnt = s.xsum + (a8 ? words : 0);
+  return s;
+}
+
+HD void block_range(const Args& p, int split, int& w0, int& nwords) {
+  w0 = split * p.words_per_split;
+  int end = w0 + p.words_per_split;
+  nwords = (end < p.NW ? end : p.NW) - w0;
+}
+
+template <int BITS, bool A8>
+__global__ void __launch_bounds__(THREADS) gemv_kernel(Args p) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  const int tile = blockIdx.x, split = blockIdx.y, row = blockIdx.z, tid = threadIdx.x;
+  int w0, nwords;
+  block_range(p, split, w0, nwords);
+  const Shared s = carve(smem, p.words_per_split, Traits<BITS, A8>::SLOTS, A8);
+  stage_x<BITS, A8>(p, s, row, w0, nwords, tid);
+  __syncthreads();
+  accumulate<BITS, A8>(p, s, row, tile, w0, nwords, tid);
+  __syncthreads();
+  publish(p, s, row, tile, tid);
+  if (p.splits == 1) return;
+  __syncthreads();
+  if (tid == 0) arrive(p, s, row, tile);
+  __syncthreads();
+  finish(p, s, row, tile, tid);
+}
+
+template <int BITS, bool A8>
+void emulate(const Args& p, int M) {
+  std::vector<unsigned char> smem(shared_bytes(p.words_per_split, Traits<BITS, A8>::SLOTS, A8) + 16);
+  for (int row = 0; row < M; ++row)
+    for (int split = 0; split < p.splits; ++split)
+      for (int tile = 0; tile < p.tiles; ++tile) {
+        int w0, nwords;
+        block_range(p, split, w0, nwords);
+        const Shared s = carve(smem.data(), p.words_per_split, Traits<BITS, A8>::SLOTS, A8);
+        for (int t = 0; t < THREADS; ++t) stage_x<BITS, A8>(p, s, row, w0, nwords, t);
+        for (int t = 0; t < THREADS; ++t) accumulate<BITS, A8>(p, s, row, tile, w0, nwords, t);
+        for (int t = 0; t < THREADS; ++t) publish(p, s, row, tile, t);
+        if (p.splits == 1) continue;
+        arrive(p, s, row, tile);
+        for (int t = 0; t < THREADS; ++t) finish(p, s, row, tile, t);
+      }
+}
+
+template <int BITS, bool A8>
+int launch(const Args& p, int M, cudaStream_t stream) {
+  const size_t bytes = shared_bytes(p.words_per_split, Traits<BITS, A8>::SLOTS, A8);
+  if (bytes > 48 * 1024) {
+    cudaError_t e = cudaFuncSetAttribute(gemv_kernel<BITS, A8>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         (int)bytes);
+    if (e != cudaSuccess) return (int)e;
+  }
+  dim3 grid(p.tiles, p.splits, M);
+  gemv_kernel<BITS, A8><<<grid, THREADS, bytes, stream>>>(p);
+  return (int)cudaGetLastError();
+}
+
+template <bool A8>
+int dispatch(const Args& p, int M, int bits, cudaStream_t stream, bool on_cpu) {
+  switch (bits) {
+    case 1: return on_cpu ? (emulate<1, A8>(p, M), 0) : launch<1, A8>(p, M, stream);
+    case 2: return on_cpu ? (emulate<2, A8>(p, M), 0) : launch<2, A8>(p, M, stream);
+    case 4: return on_cpu ? (emulate<4, A8>(p, M), 0) : launch<4, A8>(p, M, stream);
+    case 8: return on_cpu ? (emulate<8, A8>(p, M), 0) : launch<8, A8>(p, M, stream);
+    default: return -1;
+  }
+}
+
+}  // namespace kpgemv
+
+using kpgemv::Args;
+
+static Args make_args(const void* qw, const void* sw, const void* zw, const void* x, const float* sx,
+                      const int32_t* ax, const void* bias, void* y, float* ws, int32_t* cnt, int N, int K, int SEG,
+                      int WPG, int NW, int stride_x, int stride_y, int words_per_split, int splits,
+                      uint32_t magic) {
+  Args p;
+  p.qw = static_cast<const int32_t*>(qw); p.sw = static_cast<const __half*>(sw); p.zw = static_cast<const uint8_t*>(zw);
+  p.x = x; p.sx = sx; p.ax = ax; p.bias = static_cast<const __half*>(bias); p.y = static_cast<__half*>(y);
+  p.ws = ws; p.cnt = cnt; p.N = N; p.K = K; p.SEG = SEG; p.WPG = WPG; p.NW = NW; p.stride_x = stride_x;
+  p.stride_y = stride_y; p.words_per_split = words_per_split; p.splits = splits;
+  p.tiles = (N + kpgemv::TILE_N - 1) / kpgemv::TILE_N;
+  p.magic = magic;
+  return p;
+}
+
+extern "C" {
+
+// Bytes of dynamic shared memory a block needs (the launcher keeps it under the device's limit).
+size_t abq_gemv_shared_bytes(int words_per_split, int bits, int act_int) {
+  int slots = act_int ? 8 / bits : 32 / bits;
+  return kpgemv::shared_bytes(words_per_split, slots, act_int != 0);
+}
+
+// Returns a cudaError_t (0: launched), or -1 for an unsupported width. `magic` must be 0x4B000000 (see Args).
+int abq_gemv(const void* qw, const void* sw, const void* zw, const void* x, const float* sx, const int32_t* ax,
+             const void* bias, void* y, float* ws, int32_t* cnt, int M, int N, int K, int SEG, int WPG, int NW,
+             int stride_x, int stride_y, int bits, int act_int, int words_per_split, int splits, uint32_t magic,
+             void* stream) {
+  Args p = make_args(qw, sw, zw, x, sx, ax, bias, y, ws, cnt, N, K, SEG, WPG, NW, stride_x, stride_y,
+                     words_per_split, splits, magic);
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  return act_int ? kpgemv::dispatch<true>(p, M, bits, s, false) : kpgemv::dispatch<false>(p, M, bits, s, false);
+}
+
+// The same kernel run on the CPU over host pointers (phases in order, blocks one after another).
+int abq_gemv_emulate(const void* qw, const void* sw, const void* zw, const void* x, const float* sx,
+                     const int32_t* ax, const void* bias, void* y, float* ws, int32_t* cnt, int M, int N, int K,
+                     int SEG, int WPG, int NW, int stride_x, int stride_y, int bits, int act_int,
+                     int words_per_split, int splits, uint32_t magic) {
+  Args p = make_args(qw, sw, zw, x, sx, ax, bias, y, ws, cnt, N, K, SEG, WPG, NW, stride_x, stride_y,
+                     words_per_split, splits, magic);
+  return act_int ? kpgemv::dispatch<true>(p, M, bits, nullptr, true)
+                 : kpgemv::dispatch<false>(p, M, bits, nullptr, true);
+}
+
+const char* abq_gemv_error_string(int code) { return cudaGetErrorString(static_cast<cudaError_t>(code)); }
+
+}  // extern "C"

@@ -1,0 +1,142 @@
+"""The hand-written CUDA decode GEMV on the k-packed layout (kernels/cuda/abq_gemv.cu), through ctypes.
+
+Why a CUDA version beside the Triton one (triton_kpacked.kp_gemv_kernel): the H200 run put the Triton GEMV at
+4.0-5.4 instructions per code in its sm_90 SASS, and for 2-bit weights the issue floor (67M codes at 8192^2) is
+above the memory floor. Here A8 takes one dp4a per four codes (0.25-1 instruction a code with the unpacking)
+and A16 three (LOP3, FADD, FFMA), with the block's activations staged once in shared memory, four 16-byte
+weight loads in flight per thread, and a quarter of the atomics (the 4 warps of a block split K and meet in
+shared memory first). Supports: storage bits 1, 2, 4, 8; fp16 activations (A16) or A2..A8 (integer path);
+per-channel or any group size; N a multiple of 4. Untimed: registered as linear kernel 'cuda-gemv', named only.
+
+`library(device)` builds the source for the GPU's architecture with nvcc (cached like the bit-plane kernels);
+`cuda_gemv(..., emulate=True)` runs the same kernel code on the CPU (abq_gemv_emulate, host pointers), which is
+how the CPU test suite checks it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import threading
+from pathlib import Path
+
+import torch
+
+from abqllm.errors import AbqError
+from abqllm.kernels import cuda as CU
+from abqllm.kernels import kpacked as KP
+from abqllm.kernels.registry import register
+
+SOURCE = Path(CU.__file__).with_name("abq_gemv.cu")
+BITS = (1, 2, 4, 8)
+WARPS, UNROLL, TILE_N = 4, 4, 128  # as in abq_gemv.cu
+BLOCKS_PER_SM = 4  # 16 resident warps per SM: one wave (untimed)
+SHARED_LIMIT = 48 * 1024  # dynamic shared memory without opting in
+_LOCK = threading.Lock()
+_ARGS = [ctypes.c_void_p] * 10 + [ctypes.c_int] * 12 + [ctypes.c_uint32]
+MAGIC = 0x4B000000  # 2^23: abq_gemv.cu's code-to-float constant, passed at run time (see Args there)
+
+
+@functools.cache
+def _load(arch: str) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(CU.build(arch, source=SOURCE)))
+    lib.abq_gemv.argtypes = _ARGS + [ctypes.c_void_p]
+    lib.abq_gemv_emulate.argtypes = list(_ARGS)
+    lib.abq_gemv_shared_bytes.argtypes = [ctypes.c_int] * 3
+    lib.abq_gemv_shared_bytes.restype = ctypes.c_size_t
+    lib.abq_gemv_error_string.argtypes = [ctypes.c_int]
+    lib.abq_gemv_error_string.restype = ctypes.c_char_p
+    return lib
+
+
+def library(device: torch.device | None = None) -> ctypes.CDLL:
+    """The built library for `device`'s architecture; on the CPU (emulation) any build serves: sm_90."""
+    with _LOCK:
+        return _load(CU._arch(device) if device is not None and device.type == "cuda" else "90")
+
+
+def slots(bits: int, act_int: bool) -> int:
+    return 8 // bits if act_int else 32 // bits
+
+
+def plan(m: int, n: int, nw: int, bits: int, act_int: bool, sms: int,
+         blocks_per_sm: int = BLOCKS_PER_SM) -> tuple[int, int]:
+    """(words_per_split, splits): about `blocks_per_sm` blocks per SM, at least one unrolled step per warp, shared
+    memory under 48 KB, and (A8) at most 32768 codes a warp so that the int32 sums cannot overflow."""
+    tiles = -(-n // TILE_N)
+    want = max(1, blocks_per_sm * sms // max(1, tiles * m))
+    splits = max(1, min(want, nw // (WARPS * UNROLL)))
+    per = -(-nw // splits)
+    cap = (SHARED_LIMIT - WARPS * TILE_N * 4 - 16) // (slots(bits, act_int) * 4 + (8 if act_int else 4))
+    if act_int:
+        cap = min(cap, WARPS * 32768 // KP.codes_per_word(bits))
+    per = max(1, min(per, cap))
+    return per, -(-nw // per)
+
+
+def cuda_gemv(x: torch.Tensor, qweight_t: torch.Tensor, scales_t: torch.Tensor, zeros_t: torch.Tensor,
+              bias: torch.Tensor | None, act_scale: torch.Tensor | None, act_zero: torch.Tensor | None,
+              in_features: int, bits: int, group_size: int, act_bits: int, act_symmetric: bool,
+              out: torch.Tensor | None = None, words_per_split: int | None = None,
+              blocks_per_sm: int = BLOCKS_PER_SM, emulate: bool = False) -> torch.Tensor:
+    """y [..., N] fp16 = Q_a(x) @ W^T + bias for x fp16 [..., K]. emulate=True runs the kernel's code on the CPU
+    (CPU tensors); `words_per_split` overrides the split-K plan, `blocks_per_sm` steers it."""
+    from abqllm.kernels.kpacked_linear import _num_sms, _prologue, workspace
+    if bits not in BITS:
+        raise ValueError(f"cuda_gemv supports storage bits {BITS}, got {bits}")
+    if x.dtype != torch.float16:
+        raise ValueError(f"cuda_gemv needs fp16 activations, got {x.dtype}; use the 'triton' kernel for others")
+    n = qweight_t.shape[1]
+    if n % 4 or qweight_t.data_ptr() % 16 or not qweight_t.is_contiguous():
+        raise ValueError("cuda_gemv needs N % 4 == 0 and a contiguous, 16-byte aligned qweight_t")
+    if emulate != (x.device.type == "cpu"):
+        raise ValueError("cuda_gemv runs CUDA tensors on the GPU, or CPU tensors with emulate=True")
+    out_shape, m, y, a_in, sx, ax = _prologue(x, qweight_t, scales_t, in_features, bits, group_size, act_bits,
+                                              act_symmetric, act_scale, act_zero, out, "cuda_gemv")
+    if m == 0:
+        return y.reshape(out_shape)
+    k, nw = in_features, qweight_t.shape[0]
+    act_int = act_bits != 16
+    sms = 4 if emulate else _num_sms(x.device.index or 0)
+    per, splits = plan(m, n, nw, bits, act_int, sms, blocks_per_sm)
+    if words_per_split:
+        per, splits = words_per_split, -(-nw // words_per_split)
+    tiles = -(-n // TILE_N)
+    if emulate:
+        ws, cnt = torch.zeros(m * n), torch.zeros(m * tiles, dtype=torch.int32)
+    else:
+        ws, cnt = workspace(x.device, m * n, m * tiles)
+    bias16 = bias.to(torch.float16).contiguous() if bias is not None else None
+    seg = KP.segment_length(k, group_size)
+    wpg = KP.words_per_segment(k, group_size, bits)
+    lib = library(None if emulate else x.device)
+    args = [qweight_t.data_ptr(), scales_t.contiguous().data_ptr(), zeros_t.contiguous().data_ptr(),
+            a_in.data_ptr(), sx.data_ptr() if act_int else None, ax.data_ptr() if act_int else None,
+            bias16.data_ptr() if bias16 is not None else None, y.data_ptr(), ws.data_ptr(), cnt.data_ptr(),
+            m, n, k, seg, wpg, nw, a_in.stride(0), y.stride(0), bits, int(act_int), per, splits, MAGIC]
+    if emulate:
+        code = lib.abq_gemv_emulate(*args)
+    else:
+        code = lib.abq_gemv(*args, torch.cuda.current_stream(x.device).cuda_stream)
+    if code:
+        what = "unsupported width" if code == -1 else lib.abq_gemv_error_string(code).decode()
+        raise RuntimeError(f"abq_gemv failed: {what} (code {code})")
+    return y.reshape(out_shape)
+
+
+def supports(layer, device: torch.device) -> bool:
+    if device.type != "cuda" or not torch.cuda.is_available() or CU.find_nvcc() is None:
+        return False
+    return layer.spec.weight.storage_bits in BITS and layer.out_features % 4 == 0
+
+
+@register("linear", "cuda-gemv", priority=4, supports=supports)
+def linear_cuda_gemv(layer, x: torch.Tensor) -> torch.Tensor:
+    """Decode rows (up to KP_MAX_M) through the CUDA GEMV; more rows as 'triton-kpacked' serves them. Named only."""
+    from abqllm.kernels import custom_ops
+    from abqllm.kernels.kpacked_linear import KP_MAX_M, layer_kp_args, linear_triton_kpacked, rows
+    if 0 < rows(x) <= KP_MAX_M:
+        if x.dtype != torch.float16:
+            raise AbqError(f"kernel 'cuda-gemv' needs fp16 activations, got {x.dtype}; use kernel='triton'")
+        return custom_ops.cuda_gemv(x, **layer_kp_args(layer))
+    return linear_triton_kpacked(layer, x)

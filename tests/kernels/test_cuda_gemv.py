@@ -1,0 +1,185 @@
+"""The hand-written CUDA decode GEMV (kernels/cuda/abq_gemv.cu, kernels/cuda_gemv.py).
+
+Without a GPU: the source compiles for sm_90 (PTX checked for the streamed 16-byte loads, dp4a and no local
+memory), and the kernel's own phase functions run on the CPU through abq_gemv_emulate (the same code, blocks
+one after another) against the float64 reference, in a child pytest under TRITON_INTERPRET=1 because the A8
+path quantizes activations with the Triton act_quant kernel. GPU-marked cases run the real launch.
+Fresh random inputs every case; outputs poisoned with NaN before the kernel runs.
+"""
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from abqllm.kernels import cuda as CU
+from abqllm.kernels import cuda_gemv as CG
+from abqllm.kernels import kpacked_linear as KL
+from abqllm.kernels.reference import linear_reference
+from tests.kernels import helpers
+from tests.kernels.helpers import check_close
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+NVCC = CU.find_nvcc()
+needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc not found")
+
+
+def make_layer(w, a, gs, n, k, *, bias=False, sym_act=False, static=False, seed=0):
+    return helpers.make_layer(w, a, gs, n, k, bias=bias, sym_act=sym_act, static=static, seed=seed)
+
+
+def activations(m, k, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g) * 2 + 0.3
+    x[:, 0] += 300.0  # an outlier channel, as LLM activations have
+    return x.half()
+
+
+if not INTERPRETED:
+    def test_in_interpreter():
+        if NVCC is None:
+            pytest.skip("nvcc not found")
+        helpers.run_in_interpreter(str(Path(__file__)), "-k", "kernel")
+
+    @needs_nvcc
+    def test_ptx_streams_16_byte_loads_and_uses_dp4a(tmp_path):
+        out = tmp_path / "abq_gemv.ptx"
+        proc = subprocess.run([NVCC, "-std=c++17", "-arch=sm_90", "-ptx", str(CG.SOURCE), "-o", str(out)],
+                              capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+        ptx = out.read_text()
+        assert "ld.global.cs.v4" in ptx  # one 16-byte, evict-first load per word row of 4 columns
+        assert "dp4a.u32.s32" in ptx  # four exact products per instruction on the A8 path
+        assert ".local" not in ptx  # nothing spilled to local memory
+
+    @needs_nvcc
+    def test_library_builds_and_exports(tmp_path, monkeypatch):
+        monkeypatch.setenv("ABQLLM_CACHE", str(tmp_path))
+        CG._load.cache_clear()
+        try:
+            lib = CG.library(None)
+            for name in ("abq_gemv", "abq_gemv_emulate", "abq_gemv_shared_bytes", "abq_gemv_error_string"):
+                assert hasattr(lib, name)
+            # the launcher's own accounting of shared memory agrees with the plan's cap
+            per, _ = CG.plan(1, 8192, 4096, 1, False, 132, blocks_per_sm=1)
+            assert lib.abq_gemv_shared_bytes(per, 1, 0) <= CG.SHARED_LIMIT
+        finally:
+            CG._load.cache_clear()
+
+
+CASES = [
+    # (weight, act, group, k, m, n, bias, sym_act, static, words_per_split): every width, A16 and A8/A6/A4,
+    # groups and per channel, ragged K and N, one split or many (the last block to arrive writes y)
+    ("4", 16, 128, 512, 1, 136, True, False, False, None),
+    ("2", 16, 64, 640, 1, 136, False, False, False, None),
+    ("8", 16, 0, 200, 1, 136, True, False, False, None),
+    ("1", 16, 128, 1024, 2, 136, False, False, False, None),
+    ("4", 16, 64, 1000, 1, 136, True, False, False, 3),  # ragged last group, splits inside groups
+    ("4", 8, 128, 512, 1, 136, True, False, False, None),
+    ("8", 8, 0, 256, 1, 136, False, False, False, None),  # A8 asymmetric: the offset term
+    ("8", 8, 0, 192, 1, 136, True, True, False, None),
+    ("2", 8, 64, 1000, 1, 136, False, False, False, 8),
+    ("1", 8, 0, 100, 3, 136, False, False, False, None),
+    ("4", 6, 32, 160, 1, 8, True, False, False, 1),
+    ("8", 8, 0, 4096, 1, 260, True, False, False, None),  # N not a multiple of the 128-column tile
+    ("2", 4, 128, 4096, 1, 132, False, False, False, None),
+    ("4", 8, 0, 3000, 1, 64, True, False, True, 5),  # static activation range
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"W{c[0]}A{c[1]}g{c[2]}k{c[3]}m{c[4]}n{c[5]}")
+def test_kernel_matches_reference(case):
+    if not INTERPRETED:
+        pytest.skip("runs in the interpreter child (test_in_interpreter)")
+    w, a, gs, k, m, n, bias, sym, static, per = case
+    layer = make_layer(w, a, gs, n, k, bias=bias, sym_act=sym, static=static, seed=k + m)
+    x = activations(m, k, seed=k)
+    ref = linear_reference(layer, x.double())
+    y = torch.full((m, n), float("nan"), dtype=torch.float16)
+    CG.cuda_gemv(x, **KL.layer_kp_args(layer), out=y, words_per_split=per, emulate=True)
+    check_close(y, ref, torch.float16)
+
+
+def test_plan_covers_every_word_once_within_the_caps():
+    for m, n, nw, bits, act_int in [(1, 8192, 1024, 4, False), (1, 8192, 512, 2, True), (1, 4096, 2752, 8, True),
+                                    (4, 11008, 128, 1, False), (1, 64, 100000, 8, True)]:
+        per, splits = CG.plan(m, n, nw, bits, act_int, 132)
+        assert (splits - 1) * per < nw <= splits * per
+        slots = CG.slots(bits, act_int)
+        assert per * (slots * 4 + (8 if act_int else 4)) + CG.WARPS * CG.TILE_N * 4 + 16 <= CG.SHARED_LIMIT
+        if act_int:
+            assert -(-per // CG.WARPS) * (32 // bits) <= 32768  # int32 sums of a warp cannot overflow
+
+
+def test_refuses_what_it_cannot_serve():
+    args = KL.layer_kp_args(make_layer("4", 16, 64, 16, 128))
+    with pytest.raises(ValueError, match="bits"):
+        CG.cuda_gemv(torch.randn(1, 128).half(), **{**args, "bits": 3}, emulate=True)
+    with pytest.raises(ValueError, match="fp16"):
+        CG.cuda_gemv(torch.randn(1, 128).bfloat16(), **args, emulate=True)
+    with pytest.raises(ValueError, match="emulate"):
+        CG.cuda_gemv(torch.randn(1, 128).half(), **args)
+    narrow = KL.layer_kp_args(make_layer("4", 16, 64, 6, 128))
+    with pytest.raises(ValueError, match="N % 4"):
+        CG.cuda_gemv(torch.randn(1, 128).half(), **narrow, emulate=True)
+
+
+def test_not_selected_without_gpu():
+    from abqllm.kernels import registry
+    layer = make_layer("4", 16, 64, 16, 128)
+    assert not CG.supports(layer, torch.device("cpu"))
+    assert registry.select("linear", "auto", layer, torch.device("cpu")).name != "cuda-gemv"
+
+
+def test_custom_op_has_a_fake_implementation():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    import abqllm.kernels.custom_ops  # noqa: F401  (registers the ops)
+    args = KL.layer_kp_args(make_layer("4", 16, 64, 16, 128))
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        y = torch.ops.abqllm.cuda_gemv(torch.empty(1, 1, 128, dtype=torch.float16), args["qweight_t"],
+                                       args["scales_t"], args["zeros_t"], None, None, None, 128, 4, 64, 16, False)
+        assert y.shape == (1, 1, 16)
+
+
+# ---- on a GPU -------------------------------------------------------------------------------------
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available() or NVCC is None, reason="needs a CUDA GPU and nvcc")
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("w", ["1", "2", "4", "8"])
+@pytest.mark.parametrize("a", [16, 8, 4])
+def test_gpu_matches_reference(w, a):
+    dev = torch.device("cuda")
+    for gs, k, m, n in ((128, 4096, 1, 4096), (0, 1000, 1, 300), (64, 576, 3, 132), (128, 11008, 1, 4096)):
+        layer = make_layer(w, a, gs, n, k, bias=True, seed=k)
+        x = activations(m, k, seed=k)
+        ref = linear_reference(layer, x.double())
+        y = torch.full((m, n), float("nan"), dtype=torch.float16, device=dev)
+        CG.cuda_gemv(x.to(dev), **KL.layer_kp_args(layer.to(dev)), out=y)
+        check_close(y, ref, torch.float16)
+    ws, cnt = KL._WORKSPACE[dev if dev in KL._WORKSPACE else torch.device("cuda", 0)]
+    assert not ws.any() and not cnt.any(), "split-K workspace not left zero"
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_layer_replays_in_a_graph():
+    dev = torch.device("cuda")
+    layer = make_layer("2", 8, 128, 4096, 4096, bias=True, seed=1)
+    x = activations(1, 4096, seed=2)
+    ref = linear_reference(layer, x.double())
+    layer = layer.to(dev)
+    layer.kernel = "cuda-gemv"
+    static_x = x.to(dev)
+    layer(static_x)  # warm-up: builds the library, the k-packed layout and the workspace
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        y = layer(static_x)
+    for _ in range(3):
+        g.replay()
+    torch.cuda.synchronize()
+    check_close(y, ref, torch.float16)

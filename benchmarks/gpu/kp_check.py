@@ -27,6 +27,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from abqllm.kernels import cuda_gemv as CG  # noqa: E402
 from abqllm.kernels import dense_prefill as DP  # noqa: E402
 from abqllm.kernels import kpacked_linear as KL  # noqa: E402
 from abqllm.kernels import triton_linear as TL  # noqa: E402
@@ -55,7 +56,9 @@ SWEEP = [dict(bn=1024, bw=4, num_warps=4, warps_per_sm=16), dict(bn=1024, bw=4, 
          dict(bn=1024, bw=4, num_warps=4, warps_per_sm=24),
          dict(bn=1024, bw=4, num_warps=4, warps_per_sm=8, prefetch=True),
          dict(bn=1024, bw=4, num_warps=4, warps_per_sm=16, prefetch=True)]
-E2E_VARIANTS = ["fp16", "W4A16", "W2A8", "W8A8", "W4A8", "W3A8", "W2*A8", "W2A16", "W4A16/kpacked", "W2A8/kpacked"]
+E2E_VARIANTS = ["fp16", "W4A16", "W2A8", "W8A8", "W4A8", "W3A8", "W2*A8", "W2A16", "W4A16/kpacked", "W2A8/kpacked",
+                "W4A16/cuda", "W2A8/cuda", "W8A8/cuda", "W2A16/cuda"]  # /cuda: decode on the CUDA GEMV (cuda_gemv.py)
+CUDA_BITS = (1, 2, 4, 8)  # the widths cuda_gemv serves
 SECTIONS = ("correctness", "timings", "sweep", "small_m", "large_m", "e2e")
 T0 = time.time()
 
@@ -97,6 +100,10 @@ def layer(scheme, n, k, dev, seed=0, gs=128):
 
 def kp_call(L, x, cfg=None):
     return KL.kp_gemv(x, **KL.layer_kp_args(L), config=cfg)
+
+
+def cuda_call(L, x, blocks_per_sm=CG.BLOCKS_PER_SM):
+    return CG.cuda_gemv(x, **KL.layer_kp_args(L), blocks_per_sm=blocks_per_sm, emulate=CPU)
 
 
 def _warm(items):
@@ -149,6 +156,13 @@ def main():
     except ImportError:
         pass
     res["peer"] = peers.available()
+    if not CPU:  # build the CUDA GEMV once here, not in every warm-up worker
+        t = time.time()
+        try:
+            CG.library(torch.device("cuda"))
+            res["cuda_gemv_build_s"] = round(time.time() - t, 1)
+        except Exception as e:  # noqa: BLE001
+            res["cuda_gemv_build_error"] = f"{type(e).__name__}: {e}"[-500:]
     save = lambda: (out / "kp.json").write_text(json.dumps(res, indent=1, default=str))  # noqa: E731
     left = lambda: args.budget_s - (time.time() - T0)  # noqa: E731
 
@@ -198,13 +212,19 @@ def main():
                     x = (torch.randn(m, k) * 2 + 0.3).to(dt)
                     ref = linear_reference(L, x.double())
                     Lg = GS._to(L, dev)
-                    o = torch.full((m, 200), float("nan"), dtype=dt, device=dev)
-                    try:
-                        KL.kp_gemv(x.to(dev), **KL.layer_kp_args(Lg), out=o)
-                        rows.append(dict(scheme=scheme, gs=gs, k=k, m=m, dtype=str(dt), **GS._check(o, ref, dt)))
-                    except Exception as e:  # noqa: BLE001
-                        rows.append(dict(scheme=scheme, gs=gs, k=k, m=m, ok=False,
-                                         error=f"{type(e).__name__}: {e}"[-300:]))
+                    kernels = [("kp_gemv", lambda o: KL.kp_gemv(x.to(dev), **KL.layer_kp_args(Lg), out=o))]
+                    if qs.weight.storage_bits in CUDA_BITS and dt == torch.float16:
+                        kernels.append(("cuda_gemv", lambda o: CG.cuda_gemv(x.to(dev), **KL.layer_kp_args(Lg), out=o,
+                                                                            emulate=CPU)))
+                    for kname, run in kernels:
+                        o = torch.full((m, 200), float("nan"), dtype=dt, device=dev)
+                        try:
+                            run(o)
+                            rows.append(dict(scheme=scheme, gs=gs, k=k, m=m, dtype=str(dt), kernel=kname,
+                                             **GS._check(o, ref, dt)))
+                        except Exception as e:  # noqa: BLE001
+                            rows.append(dict(scheme=scheme, gs=gs, k=k, m=m, kernel=kname, ok=False,
+                                             error=f"{type(e).__name__}: {e}"[-300:]))
         # the dense prefill path at M = 300: float GEMM (bound widened by fp16 rounding of the weights and the
         # fake-quantized activations) and, per channel at A8, torch._int_mm with the integer epilogue
         for scheme, gs in (("W4A16", 128), ("W2A16", 128), ("W3A8", 128), ("W8A8", 0), ("W4A8", 0), ("W2*A8", 0)):
@@ -256,6 +276,8 @@ def main():
                 for L in Ls:
                     KL.layer_kpacked(L)
                 kinds = [("kp_gemv", lambda L, x: kp_call(L, x))]
+                if qs.weight.storage_bits in CUDA_BITS and qs.act.bits in (16, 8):
+                    kinds.append(("cuda_gemv", lambda L, x: cuda_call(L, x)))
                 if si == 0 and scheme in ("W4A16", "W2A16", "W8A8", "W2A8"):
                     kinds.append(("old qlinear_kernel", lambda L, x: TL.qlinear(x, **TL.layer_args(L))))
                 for name, f in kinds:
@@ -293,6 +315,15 @@ def main():
                     res["sweep"].append(dict(scheme=scheme, config=asdict(cfg), us=us))
                 except Exception as e:  # noqa: BLE001
                     res["sweep"].append(dict(scheme=scheme, config=asdict(cfg), error=str(e)[-200:]))
+            for bps in (2, 4, 8) if qs.weight.storage_bits in CUDA_BITS else ():  # the CUDA GEMV's split
+                if left() < 80:
+                    break
+                cfg = dict(kernel="cuda_gemv", blocks_per_sm=bps)
+                try:
+                    us = timed([lambda L=L, x=x: cuda_call(L, x, bps) for L, x in zip(Ls, xs)])
+                    res["sweep"].append(dict(scheme=scheme, config=cfg, us=us))
+                except Exception as e:  # noqa: BLE001
+                    res["sweep"].append(dict(scheme=scheme, config=cfg, error=str(e)[-200:]))
             del Ls
         log("sweep done")
         save()
@@ -368,7 +399,8 @@ def main():
         prompt, new = (128, 256) if not CPU else (8, 4)
         shape = llama.Shape(max_seq=prompt + new) if not CPU else llama.Shape(dim=64, n_layers=2, n_heads=4, ffn=160,
                                                                               vocab=256, max_seq=prompt + new)
-        for variant in E2E_VARIANTS if want("e2e") else ():
+        # (no /cuda variants in the CPU dry run: the 'cuda-gemv' kernel serves CUDA tensors only)
+        for variant in [v for v in E2E_VARIANTS if not (CPU and v.endswith("/cuda"))] if want("e2e") else ():
             if left() < 20:
                 break
             scheme, _, kernel = variant.partition("/")
@@ -377,6 +409,10 @@ def main():
             try:
                 model = llama.Llama(shape, spec, 1, dev)
                 released = KL.keep_only_kpacked(model) if kernel else 0  # every M on the k-packed layout, weights once
+                if kernel == "cuda":  # decode rows on the CUDA GEMV, prefill as 'triton-kpacked'
+                    for mod in model.modules():
+                        if hasattr(mod, "kernel"):
+                            mod.kernel = "cuda-gemv"
                 sync()
                 setup_peak = mem("peak")
                 mem_reset()

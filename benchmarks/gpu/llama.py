@@ -1,7 +1,9 @@
 """A Llama-shaped decoder with random weights for the end-to-end decode benchmark (no download needed).
 
 gpt-fast style: static KV cache [B, H, max_seq, D], attention over the whole cache with a causal mask so
-every decode step has the same shapes and the step can be captured in one CUDA graph. Linear layers are
+every decode step has the same shapes and the step can be captured in one CUDA graph. On CUDA the layers run
+through fused_ops (5 small kernels a layer besides linears and attention, instead of about 40), so that what the
+benchmark times is mostly the linears, for every variant alike; `fused=False` keeps the plain torch ops. Linear layers are
 either fp16 nn.Linear or abqllm QuantLinear filled with random packed codes, scales and zero points
 (the speed of the kernels does not depend on the values; the layer still checks its shapes).
 """
@@ -84,6 +86,18 @@ class Block(nn.Module):
         self.register_buffer("k_cache", torch.zeros(shape, dtype=torch.float16, device=device), persistent=False)
         self.register_buffer("v_cache", torch.zeros(shape, dtype=torch.float16, device=device), persistent=False)
 
+    def forward_fused(self, x, delta, pos, mask):
+        """The same layer through fused_ops (5 small kernels besides the linears and attention). Takes the residual
+        x and the previous layer's MLP output `delta` (added here, in the first norm); returns (x, mlp output)."""
+        from benchmarks.gpu import fused_ops as FO
+        b, t, _ = x.shape
+        x, h = FO.add_rmsnorm(x, delta, self.norm1.weight, 1e-5)
+        q = FO.rope_cache(self.q(h), self.k(h), self.v(h), self.rope_cos, self.rope_sin, pos, self.k_cache,
+                          self.v_cache)
+        a = F.scaled_dot_product_attention(q, self.k_cache, self.v_cache, attn_mask=mask)
+        x, h = FO.add_rmsnorm(x, self.o(a.transpose(1, 2).reshape(b, t, -1)), self.norm2.weight, 1e-5)
+        return x, self.down(FO.silu_mul(self.gate(h), self.up(h)))
+
     def forward(self, x, pos, cos, sin, mask):
         b, t, _ = x.shape
         h = self.norm1(x)
@@ -103,9 +117,12 @@ def rope(x, cos, sin):
 
 
 class Llama(nn.Module):
-    def __init__(self, s: Shape, spec: LayerSpec | None, batch: int, device):
+    """`fused` (default: on CUDA) runs the layers through fused_ops; False keeps the plain torch ops."""
+
+    def __init__(self, s: Shape, spec: LayerSpec | None, batch: int, device, fused: bool | None = None):
         super().__init__()
         self.s = s
+        self.fused = torch.device(device).type == "cuda" if fused is None else fused
         self.embed = nn.Embedding(s.vocab, s.dim, device=device, dtype=torch.float16)
         self.blocks = nn.ModuleList(Block(s, spec, batch, device, seed=10 * i) for i in range(s.n_layers))
         self.norm = RMSNorm(s.dim, device)
@@ -116,13 +133,22 @@ class Llama(nn.Module):
         self.register_buffer("sin", ang.sin(), persistent=False)
         self.register_buffer("causal", torch.ones(s.max_seq, s.max_seq, dtype=torch.bool, device=device).tril(),
                              persistent=False)
+        for blk in self.blocks:  # the fused rope reads the tables by position (shared, not copied)
+            blk.rope_cos, blk.rope_sin = self.cos, self.sin
 
     @torch.no_grad()
     def forward(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """tokens [B, T], pos [T] (positions in the cache) -> logits of the last position [B, vocab] (fp32)."""
         x = self.embed(tokens)
-        cos, sin = self.cos[pos][None, None], self.sin[pos][None, None]
         mask = self.causal[pos][None, None]
+        if self.fused:
+            from benchmarks.gpu import fused_ops as FO
+            delta = None
+            for blk in self.blocks:
+                x, delta = blk.forward_fused(x, delta, pos, mask)
+            _, h = FO.add_rmsnorm(x[:, -1].contiguous(), delta[:, -1].contiguous(), self.norm.weight, 1e-5)
+            return self.lm_head(h).float()
+        cos, sin = self.cos[pos][None, None], self.sin[pos][None, None]
         for blk in self.blocks:
             x = blk(x, pos, cos, sin, mask)
         return self.lm_head(self.norm(x[:, -1])).float()
@@ -186,7 +212,8 @@ def generate_timed(model: Llama, batch: int, prompt: int, new_tokens: int, use_g
     decode_s = timer.stop()
     assert int(static_pos.item()) == prompt + new_tokens
     return dict(prefill_s=prefill_s, decode_s=decode_s, tokens_per_s=batch * new_tokens / decode_s,
-                ms_per_step=1e3 * decode_s / new_tokens, graph=bool(use_graph and cuda))
+                ms_per_step=1e3 * decode_s / new_tokens, graph=bool(use_graph and cuda),
+                fused_layers=bool(getattr(model, "fused", False)))
 
 
 class _Timer:

@@ -102,6 +102,7 @@ import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, str(ROOT))
 from abqllm.kernels import cuda as CU  # noqa: E402
+from abqllm.kernels import cuda_gemv as CG  # noqa: E402
 from abqllm.kernels import dense_prefill as DP  # noqa: E402
 from abqllm.kernels import kpacked_linear as KL  # noqa: E402
 from abqllm.kernels import triton_linear as TL  # noqa: E402
@@ -509,6 +510,16 @@ def section_kernels(dev, args, ceil: dict, res: Results) -> dict:
                             rows.append(dict(kernel="cuda-bmma", scheme=scheme, m=m, n=n, k=k,
                                              error=f"{type(e).__name__}: {e}"[-300:]))
                         CU._PLANES.clear()
+                    if cuda and m == 1 and a in (16, 8) and CG.supports(layers[0], dev):  # the CUDA decode GEMV
+                        try:
+                            t = time_fn([lambda L=L, x=x: CG.cuda_gemv(x, **KL.layer_kp_args(L))
+                                         for L, x in zip(layers, xs)], args, cuda)
+                            rows.append(dict(kernel="cuda-gemv", scheme=scheme, m=m, n=n, k=k, us=t["s"] * 1e6,
+                                             mode=t["mode"], vs_fp16=round(fp16 / t["s"], 3),
+                                             **roofline(nbytes, flops, t["s"], ceil, a != 16)))
+                        except Exception as e:  # noqa: BLE001
+                            rows.append(dict(kernel="cuda-gemv", scheme=scheme, m=m, n=n, k=k,
+                                             error=f"{type(e).__name__}: {e}"[-300:]))
                     if peer and cuda:
                         pr = peers.time_peer(scheme, bits, balanced, a, gs, m, n, k, c, dev,
                                              lambda fns: time_fn(fns, args, cuda))
@@ -719,12 +730,15 @@ def _render_peers(rows) -> list[str]:
     out = ["## Against the best peer (same scheme, shape and M)", "", "| scheme | N x K | M | ours us | peer us | ours/peer |",
            "|---|---|---|---|---|---|"]
     for p in peer_rows:
-        ours = [r["us"] for r in rows if r.get("kernel") in ("triton", "cuda-bmma") and r.get("scheme") == p["scheme"]
+        ours = [r["us"] for r in rows if r.get("kernel") in OURS and r.get("scheme") == p["scheme"]
                 and r["m"] == p["m"] and r["n"] == p["n"] and r["k"] == p["k"] and "us" in r]
         if ours:
             out.append(f"| {p['scheme']} | {p['n']}x{p['k']} | {p['m']} | {min(ours):.1f} | {p['us']:.1f} | "
                        f"{min(ours) / p['us']:.2f} |")
     return out + [""]
+
+
+OURS = ("triton", "cuda-bmma", "cuda-gemv")  # our kernels' row names; the best one counts
 
 
 def _render_targets(rows) -> list[str]:
@@ -737,12 +751,13 @@ def _render_targets(rows) -> list[str]:
         shapes = [nk] if nk else SHAPES
         parts, met = [], []
         for n, k in shapes:
-            ours = [find(kern, scheme, m, n, k) for kern in ("triton", "cuda-bmma")]
-            ours = [o for o in ours if o]
+            ours = [(find(kern, scheme, m, n, k), kern) for kern in OURS]
+            ours = [o for o in ours if o[0]]
             ref = find(base, "W", m, n, k)
             if ours and ref:
-                speed = ref / min(ours)
-                parts.append(f"{n}x{k}: {speed:.2f}x")
+                us, kern = min(ours)
+                speed = ref / us
+                parts.append(f"{n}x{k}: {speed:.2f}x ({kern})")
                 met.append(speed >= factor)
         out.append(f"| {what} | {', '.join(parts) or 'not measured'} | "
                    f"{'yes' if met and all(met) else 'no' if met else '-'} |")

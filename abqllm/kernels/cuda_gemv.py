@@ -3,10 +3,11 @@
 Why a CUDA version beside the Triton one (triton_kpacked.kp_gemv_kernel): the H200 run put the Triton GEMV at
 4.0-5.4 instructions per code in its sm_90 SASS, and for 2-bit weights the issue floor (67M codes at 8192^2) is
 above the memory floor. Here A8 takes one dp4a per four codes (0.25-1 instruction a code with the unpacking)
-and A16 three (LOP3, FADD, FFMA), with the block's activations staged once in shared memory, four 16-byte
-weight loads in flight per thread, and a quarter of the atomics (the 4 warps of a block split K and meet in
-shared memory first). Supports: storage bits 1, 2, 4, 8; fp16 activations (A16) or A2..A8 (integer path);
-per-channel or any group size; N a multiple of 4. Untimed: registered as linear kernel 'cuda-gemv', named only.
+and the float path three (LOP3, FADD, FFMA), with the block's activations staged once in shared memory, four
+16-byte weight loads in flight per thread, and a quarter of the atomics (the 4 warps of a block split K and meet
+in shared memory first). Supports: storage bits 1..8 (dp4a for 1/2/4/8 at A2..A8; the float path for A16 and for
+the odd widths' integer activations); fp16 or bf16 activations; per-channel or any group size; N a multiple of 4.
+Untimed: registered as linear kernel 'cuda-gemv', named only.
 
 `library(device)` builds the source for the GPU's architecture with nvcc (cached like the bit-plane kernels);
 `cuda_gemv(..., emulate=True)` runs the same kernel code on the CPU (abq_gemv_emulate, host pointers), which is
@@ -28,12 +29,13 @@ from abqllm.kernels import kpacked as KP
 from abqllm.kernels.registry import register
 
 SOURCE = Path(CU.__file__).with_name("abq_gemv.cu")
-BITS = (1, 2, 4, 8)
+BITS = tuple(range(1, 9))
+DP4A_BITS = (1, 2, 4, 8)  # codes never straddle a byte: the dp4a path
 WARPS, UNROLL, TILE_N = 4, 4, 128  # as in abq_gemv.cu
 BLOCKS_PER_SM = 4  # 16 resident warps per SM: one wave (untimed)
 SHARED_LIMIT = 48 * 1024  # dynamic shared memory without opting in
 _LOCK = threading.Lock()
-_ARGS = [ctypes.c_void_p] * 10 + [ctypes.c_int] * 12 + [ctypes.c_uint32]
+_ARGS = [ctypes.c_void_p] * 10 + [ctypes.c_int] * 13 + [ctypes.c_uint32]
 MAGIC = 0x4B000000  # 2^23: abq_gemv.cu's code-to-float constant, passed at run time (see Args there)
 
 
@@ -55,20 +57,27 @@ def library(device: torch.device | None = None) -> ctypes.CDLL:
         return _load(CU._arch(device) if device is not None and device.type == "cuda" else "90")
 
 
-def slots(bits: int, act_int: bool) -> int:
-    return 8 // bits if act_int else 32 // bits
+def slots(bits: int, dp4a: bool) -> int:
+    return 8 // bits if dp4a else 32 // bits
 
 
-def plan(m: int, n: int, nw: int, bits: int, act_int: bool, sms: int,
+def mode(bits: int, act_bits: int) -> int:
+    """0: the float path on float x; 1: dp4a (integer activations, 1/2/4/8 bits); 2: the float path on xq + a."""
+    if act_bits == 16:
+        return 0
+    return 1 if bits in DP4A_BITS else 2
+
+
+def plan(m: int, n: int, nw: int, bits: int, dp4a: bool, sms: int,
          blocks_per_sm: int = BLOCKS_PER_SM) -> tuple[int, int]:
     """(words_per_split, splits): about `blocks_per_sm` blocks per SM, at least one unrolled step per warp, shared
-    memory under 48 KB, and (A8) at most 32768 codes a warp so that the int32 sums cannot overflow."""
+    memory under 48 KB, and (dp4a) at most 32768 codes a warp so that the int32 sums cannot overflow."""
     tiles = -(-n // TILE_N)
     want = max(1, blocks_per_sm * sms // max(1, tiles * m))
     splits = max(1, min(want, nw // (WARPS * UNROLL)))
     per = -(-nw // splits)
-    cap = (SHARED_LIMIT - WARPS * TILE_N * 4 - 16) // (slots(bits, act_int) * 4 + (8 if act_int else 4))
-    if act_int:
+    cap = (SHARED_LIMIT - WARPS * TILE_N * 4 - 16) // (slots(bits, dp4a) * 4 + (8 if dp4a else 4))
+    if dp4a:
         cap = min(cap, WARPS * 32768 // KP.codes_per_word(bits))
     per = max(1, min(per, cap))
     return per, -(-nw // per)
@@ -79,13 +88,13 @@ def cuda_gemv(x: torch.Tensor, qweight_t: torch.Tensor, scales_t: torch.Tensor, 
               in_features: int, bits: int, group_size: int, act_bits: int, act_symmetric: bool,
               out: torch.Tensor | None = None, words_per_split: int | None = None,
               blocks_per_sm: int = BLOCKS_PER_SM, emulate: bool = False) -> torch.Tensor:
-    """y [..., N] fp16 = Q_a(x) @ W^T + bias for x fp16 [..., K]. emulate=True runs the kernel's code on the CPU
-    (CPU tensors); `words_per_split` overrides the split-K plan, `blocks_per_sm` steers it."""
+    """y [..., N] = Q_a(x) @ W^T + bias for x fp16/bf16 [..., K], y in x's dtype. emulate=True runs the kernel's
+    code on the CPU (CPU tensors); `words_per_split` overrides the split-K plan, `blocks_per_sm` steers it."""
     from abqllm.kernels.kpacked_linear import _num_sms, _prologue, workspace
     if bits not in BITS:
         raise ValueError(f"cuda_gemv supports storage bits {BITS}, got {bits}")
-    if x.dtype != torch.float16:
-        raise ValueError(f"cuda_gemv needs fp16 activations, got {x.dtype}; use the 'triton' kernel for others")
+    if x.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"cuda_gemv needs fp16 or bf16 activations, got {x.dtype}; use the 'triton' kernel")
     n = qweight_t.shape[1]
     if n % 4 or qweight_t.data_ptr() % 16 or not qweight_t.is_contiguous():
         raise ValueError("cuda_gemv needs N % 4 == 0 and a contiguous, 16-byte aligned qweight_t")
@@ -96,9 +105,9 @@ def cuda_gemv(x: torch.Tensor, qweight_t: torch.Tensor, scales_t: torch.Tensor, 
     if m == 0:
         return y.reshape(out_shape)
     k, nw = in_features, qweight_t.shape[0]
-    act_int = act_bits != 16
+    path = mode(bits, act_bits)
     sms = 4 if emulate else _num_sms(x.device.index or 0)
-    per, splits = plan(m, n, nw, bits, act_int, sms, blocks_per_sm)
+    per, splits = plan(m, n, nw, bits, path == 1, sms, blocks_per_sm)
     if words_per_split:
         per, splits = words_per_split, -(-nw // words_per_split)
     tiles = -(-n // TILE_N)
@@ -106,14 +115,15 @@ def cuda_gemv(x: torch.Tensor, qweight_t: torch.Tensor, scales_t: torch.Tensor, 
         ws, cnt = torch.zeros(m * n), torch.zeros(m * tiles, dtype=torch.int32)
     else:
         ws, cnt = workspace(x.device, m * n, m * tiles)
-    bias16 = bias.to(torch.float16).contiguous() if bias is not None else None
+    bias_y = bias.to(x.dtype).contiguous() if bias is not None else None
     seg = KP.segment_length(k, group_size)
     wpg = KP.words_per_segment(k, group_size, bits)
     lib = library(None if emulate else x.device)
     args = [qweight_t.data_ptr(), scales_t.contiguous().data_ptr(), zeros_t.contiguous().data_ptr(),
-            a_in.data_ptr(), sx.data_ptr() if act_int else None, ax.data_ptr() if act_int else None,
-            bias16.data_ptr() if bias16 is not None else None, y.data_ptr(), ws.data_ptr(), cnt.data_ptr(),
-            m, n, k, seg, wpg, nw, a_in.stride(0), y.stride(0), bits, int(act_int), per, splits, MAGIC]
+            a_in.data_ptr(), sx.data_ptr() if path else None, ax.data_ptr() if path else None,
+            bias_y.data_ptr() if bias_y is not None else None, y.data_ptr(), ws.data_ptr(), cnt.data_ptr(),
+            m, n, k, seg, wpg, nw, a_in.stride(0), y.stride(0), bits, path, int(x.dtype == torch.bfloat16), per,
+            splits, MAGIC]
     if emulate:
         code = lib.abq_gemv_emulate(*args)
     else:
@@ -136,7 +146,7 @@ def linear_cuda_gemv(layer, x: torch.Tensor) -> torch.Tensor:
     from abqllm.kernels import custom_ops
     from abqllm.kernels.kpacked_linear import KP_MAX_M, layer_kp_args, linear_triton_kpacked, rows
     if 0 < rows(x) <= KP_MAX_M:
-        if x.dtype != torch.float16:
-            raise AbqError(f"kernel 'cuda-gemv' needs fp16 activations, got {x.dtype}; use kernel='triton'")
+        if x.dtype not in (torch.float16, torch.bfloat16):
+            raise AbqError(f"kernel 'cuda-gemv' needs fp16 or bf16 activations, got {x.dtype}; use kernel='triton'")
         return custom_ops.cuda_gemv(x, **layer_kp_args(layer))
     return linear_triton_kpacked(layer, x)

@@ -58,7 +58,7 @@ SWEEP = [dict(bn=1024, bw=4, num_warps=4, warps_per_sm=16), dict(bn=1024, bw=4, 
          dict(bn=1024, bw=4, num_warps=4, warps_per_sm=16, prefetch=True)]
 E2E_VARIANTS = ["fp16", "W4A16", "W2A8", "W8A8", "W4A8", "W3A8", "W2*A8", "W2A16", "W4A16/kpacked", "W2A8/kpacked",
                 "W4A16/cuda", "W2A8/cuda", "W8A8/cuda", "W2A16/cuda"]  # /cuda: decode on the CUDA GEMV (cuda_gemv.py)
-CUDA_BITS = (1, 2, 4, 8)  # the widths cuda_gemv serves
+CUDA_BITS = CG.BITS  # the storage widths cuda_gemv serves (all)
 SECTIONS = ("correctness", "timings", "sweep", "small_m", "large_m", "e2e")
 T0 = time.time()
 
@@ -213,7 +213,7 @@ def main():
                     ref = linear_reference(L, x.double())
                     Lg = GS._to(L, dev)
                     kernels = [("kp_gemv", lambda o: KL.kp_gemv(x.to(dev), **KL.layer_kp_args(Lg), out=o))]
-                    if qs.weight.storage_bits in CUDA_BITS and dt == torch.float16:
+                    if qs.weight.storage_bits in CUDA_BITS:
                         kernels.append(("cuda_gemv", lambda o: CG.cuda_gemv(x.to(dev), **KL.layer_kp_args(Lg), out=o,
                                                                             emulate=CPU)))
                     for kname, run in kernels:

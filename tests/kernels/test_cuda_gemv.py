@@ -69,8 +69,9 @@ if not INTERPRETED:
 
 
 CASES = [
-    # (weight, act, group, k, m, n, bias, sym_act, static, words_per_split): every width, A16 and A8/A6/A4,
-    # groups and per channel, ragged K and N, one split or many (the last block to arrive writes y)
+    # (weight, act, group, k, m, n, bias, sym_act, static, words_per_split[, dtype]): every width (dp4a for 1/2/4/8
+    # at A <= 8, the float path otherwise), A16 and A8/A6/A4, groups and per channel, ragged K and N, one split or
+    # many (the last block to arrive writes y), fp16 and bf16
     ("4", 16, 128, 512, 1, 136, True, False, False, None),
     ("2", 16, 64, 640, 1, 136, False, False, False, None),
     ("8", 16, 0, 200, 1, 136, True, False, False, None),
@@ -85,6 +86,14 @@ CASES = [
     ("8", 8, 0, 4096, 1, 260, True, False, False, None),  # N not a multiple of the 128-column tile
     ("2", 4, 128, 4096, 1, 132, False, False, False, None),
     ("4", 8, 0, 3000, 1, 64, True, False, True, 5),  # static activation range
+    ("3", 16, 128, 1000, 1, 136, True, False, False, None),  # 10 codes a word, ragged last group
+    ("2*", 8, 128, 256, 1, 136, True, False, False, None),  # balanced 2-bit: 3-bit storage, integer x on floats
+    ("5", 4, 32, 160, 2, 8, False, False, False, 2),
+    ("6", 8, 0, 200, 1, 136, True, False, False, None),  # A8 asymmetric on the float path: xq + a
+    ("7", 16, 0, 100, 1, 136, True, False, False, None),
+    ("4", 16, 128, 512, 1, 136, True, False, False, None, torch.bfloat16),
+    ("3", 8, 64, 640, 1, 136, True, False, False, 4, torch.bfloat16),
+    ("8", 8, 0, 256, 1, 136, True, False, False, None, torch.bfloat16),
 ]
 
 
@@ -92,32 +101,33 @@ CASES = [
 def test_kernel_matches_reference(case):
     if not INTERPRETED:
         pytest.skip("runs in the interpreter child (test_in_interpreter)")
-    w, a, gs, k, m, n, bias, sym, static, per = case
+    w, a, gs, k, m, n, bias, sym, static, per, *dtype = case
+    dtype = dtype[0] if dtype else torch.float16
     layer = make_layer(w, a, gs, n, k, bias=bias, sym_act=sym, static=static, seed=k + m)
-    x = activations(m, k, seed=k)
+    x = activations(m, k, seed=k).to(dtype)
     ref = linear_reference(layer, x.double())
-    y = torch.full((m, n), float("nan"), dtype=torch.float16)
+    y = torch.full((m, n), float("nan"), dtype=dtype)
     CG.cuda_gemv(x, **KL.layer_kp_args(layer), out=y, words_per_split=per, emulate=True)
-    check_close(y, ref, torch.float16)
+    check_close(y, ref, dtype)
 
 
 def test_plan_covers_every_word_once_within_the_caps():
-    for m, n, nw, bits, act_int in [(1, 8192, 1024, 4, False), (1, 8192, 512, 2, True), (1, 4096, 2752, 8, True),
-                                    (4, 11008, 128, 1, False), (1, 64, 100000, 8, True)]:
-        per, splits = CG.plan(m, n, nw, bits, act_int, 132)
+    for m, n, nw, bits, dp4a in [(1, 8192, 1024, 4, False), (1, 8192, 512, 2, True), (1, 4096, 2752, 8, True),
+                                 (4, 11008, 128, 1, False), (1, 64, 100000, 8, True), (1, 4096, 416, 3, False)]:
+        per, splits = CG.plan(m, n, nw, bits, dp4a, 132)
         assert (splits - 1) * per < nw <= splits * per
-        slots = CG.slots(bits, act_int)
-        assert per * (slots * 4 + (8 if act_int else 4)) + CG.WARPS * CG.TILE_N * 4 + 16 <= CG.SHARED_LIMIT
-        if act_int:
+        slots = CG.slots(bits, dp4a)
+        assert per * (slots * 4 + (8 if dp4a else 4)) + CG.WARPS * CG.TILE_N * 4 + 16 <= CG.SHARED_LIMIT
+        if dp4a:
             assert -(-per // CG.WARPS) * (32 // bits) <= 32768  # int32 sums of a warp cannot overflow
 
 
 def test_refuses_what_it_cannot_serve():
     args = KL.layer_kp_args(make_layer("4", 16, 64, 16, 128))
     with pytest.raises(ValueError, match="bits"):
-        CG.cuda_gemv(torch.randn(1, 128).half(), **{**args, "bits": 3}, emulate=True)
-    with pytest.raises(ValueError, match="fp16"):
-        CG.cuda_gemv(torch.randn(1, 128).bfloat16(), **args, emulate=True)
+        CG.cuda_gemv(torch.randn(1, 128).half(), **{**args, "bits": 9}, emulate=True)
+    with pytest.raises(ValueError, match="fp16 or bf16"):
+        CG.cuda_gemv(torch.randn(1, 128), **args, emulate=True)
     with pytest.raises(ValueError, match="emulate"):
         CG.cuda_gemv(torch.randn(1, 128).half(), **args)
     narrow = KL.layer_kp_args(make_layer("4", 16, 64, 6, 128))
@@ -150,7 +160,7 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available() or NVCC is None, reason="
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("w", ["1", "2", "4", "8"])
+@pytest.mark.parametrize("w", ["1", "2", "2*", "3", "4", "5", "6", "7", "8"])
 @pytest.mark.parametrize("a", [16, 8, 4])
 def test_gpu_matches_reference(w, a):
     dev = torch.device("cuda")

@@ -2,7 +2,8 @@
 //
 // Layout: qweight_t [NW, N] int32, N-contiguous; word (g * WPG + i, n) holds PER = 32 / BITS codes of column n
 // (code j at bits [j * BITS, j * BITS + BITS)), columns g * SEG + i * PER + j of row n; scales_t [G, N] fp16,
-// zeros_t [G, N] uint8. BITS is 1, 2, 4 or 8 here (codes never straddle a byte or a half-word).
+// zeros_t [G, N] uint8. Every width 1..8 (no code straddles a word); the dp4a path needs 1, 2, 4 or 8 (codes
+// never straddle a byte).
 //
 // Work split: a block of 4 warps owns 128 output columns (4 per lane: one 16-byte load per word row) and a run
 // of word rows (split-K across blocks); its warps take consecutive quarters of the run and meet in shared
@@ -10,7 +11,9 @@
 // (a counter per tile) writes y and leaves workspace and counter zero.
 //
 // Arithmetic, per word of 4 columns:
-//  - A16 (fp16 x, float32 arithmetic): code j's bit field, masked in place and ORed into the exponent of 2^23,
+//  - float path (fp16/bf16 x; also integer activations xq + a for the widths dp4a cannot take, 3/5/6/7 bits,
+//    exact since every product and group sum stays under 2^24): code j's bit field, masked in place and ORed
+//    into the exponent of 2^23,
 //    is the float 2^23 + code * 2^sh; one FADD leaves code * 2^sh and one FFMA multiplies it by x_j * 2^-sh,
 //    staged in shared memory (exact: a power of two). Fields that end above bit 23 are read from the word
 //    shifted right once (HIGH). Three instructions a code, every product exact; per group
@@ -24,6 +27,7 @@
 // abq_gemv_emulate runs the same functions block by block on the CPU (barriers become phase boundaries,
 // atomics plain updates), which is how the CPU test suite checks this file without a GPU.
 
+#include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <stdint.h>
@@ -45,17 +49,19 @@ struct Args {
   const int32_t* qw;    // [NW, N]
   const __half* sw;     // [G, N]
   const uint8_t* zw;    // [G, N]
-  const void* x;        // A16: fp16 [M, stride_x]; A8: int8 xq [M, stride_x]
-  const float* sx;      // A8: token scale [M]
-  const int32_t* ax;    // A8: activation offset [M]
-  const __half* bias;   // [N] or null
-  __half* y;            // [M, stride_y]
+  const void* x;        // float x (fp16/bf16) or int8 xq [M, stride_x]
+  const float* sx;      // integer activations: token scale [M]
+  const int32_t* ax;    // integer activations: offset a [M] (u_x - z_x = xq + a)
+  const void* bias;     // [N] in y's dtype, or null
+  void* y;              // [M, stride_y], fp16 or bf16
   float* ws;            // [M, N] zero, split-K partial sums
   int32_t* cnt;         // [M, tiles] zero, split-K arrival counters
   int N, K, SEG, WPG, NW, stride_x, stride_y, words_per_split, splits, tiles;
   // 0x4B000000 (2^23), a run-time value so that it sits in a register: then each code's mask is the immediate
   // of one LOP3 ((word & mask) | magic). As a constant, nvcc splits that into two LOP3s (one immediate each).
   uint32_t magic;
+  int x_int;            // the float path reads int8 xq + a (and multiplies by sx at the end)
+  int bf16;             // x (float path), bias and y are bf16, else fp16
 };
 
 struct Shared {        // views into the block's dynamic shared memory
@@ -137,6 +143,23 @@ HD void fence() {
 #endif
 }
 
+HD float load_float(const void* base, size_t i, bool bf16) {
+  return bf16 ? __bfloat162float(static_cast<const __nv_bfloat16*>(base)[i])
+              : __half2float(static_cast<const __half*>(base)[i]);
+}
+
+HD void store_float(void* base, size_t i, float v, bool bf16) {
+  if (bf16) static_cast<__nv_bfloat16*>(base)[i] = __float2bfloat16_rn(v);
+  else static_cast<__half*>(base)[i] = __float2half_rn(v);
+}
+
+// The float path's activation k of `row`: x itself, or xq + a for integer activations.
+HD float act_value(const Args& p, int row, int k) {
+  const size_t i = (size_t)row * p.stride_x + k;
+  if (p.x_int) return (float)(static_cast<const int8_t*>(p.x)[i] + p.ax[row]);
+  return load_float(p.x, i, p.bf16);
+}
+
 // Column k of word w's slot `code` (within the word), or -1 past the segment or past K.
 HD int code_column(const Args& p, int w, int code, int PER) {
   int g = w / p.WPG, i = w - g * p.WPG;
@@ -160,9 +183,8 @@ HD void stage_x(const Args& p, const Shared& s, int row, int w0, int nwords, int
       }
       s.xt[e] = quad;
     } else {
-      const __half* x = static_cast<const __half*>(p.x) + (size_t)row * p.stride_x;
       int k = code_column(p, w, j, PER);
-      float v = k >= 0 ? __half2float(x[k]) : 0.f;
+      float v = k >= 0 ? act_value(p, row, k) : 0.f;
       s.xt[e] = float_bits(v * (1.0f / (float)(1u << field_shift<BITS>(j))));
     }
   }
@@ -177,11 +199,10 @@ HD void stage_x(const Args& p, const Shared& s, int row, int w0, int nwords, int
       s.xsum[wl] = sum;
       s.xcnt[wl] = count;
     } else {
-      const __half* x = static_cast<const __half*>(p.x) + (size_t)row * p.stride_x;
       float sum = 0.f;
       for (int c = 0; c < PER; ++c) {
         int k = code_column(p, w0 + wl, c, PER);
-        if (k >= 0) sum += __half2float(x[k]);
+        if (k >= 0) sum += act_value(p, row, k);
       }
       s.xsum[wl] = (int32_t)float_bits(sum);
     }
@@ -281,7 +302,7 @@ HD void accumulate(const Args& p, const Shared& s, int row, int tile, int w0, in
       } else {
         acc[c] += scale[c] * (gsum[c] - (float)zero[c] * xsf);
       }
-      if (A8) acc[c] *= p.sx[row];
+      if (A8 || p.x_int) acc[c] *= p.sx[row];
     }
   }
   for (int c = 0; c < COLS; ++c) s.red[warp * TILE_N + lane * COLS + c] = acc[c];
@@ -295,8 +316,8 @@ HD float block_column(const Shared& s, int tid) {
 }
 
 HD void write_y(const Args& p, int row, int n, float v) {
-  if (p.bias) v += __half2float(p.bias[n]);
-  p.y[(size_t)row * p.stride_y + n] = __float2half_rn(v);
+  if (p.bias) v += load_float(p.bias, n, p.bf16);
+  store_float(p.y, (size_t)row * p.stride_y + n, v, p.bf16);
 }
 
 HD void publish(const Args& p, const Shared& s, int row, int tile, int tid) {
@@ -394,13 +415,32 @@ int launch(const Args& p, int M, cudaStream_t stream) {
   return (int)cudaGetLastError();
 }
 
-template <bool A8>
-int dispatch(const Args& p, int M, int bits, cudaStream_t stream, bool on_cpu) {
+template <int BITS, bool A8>
+int run(const Args& p, int M, cudaStream_t stream, bool on_cpu) {
+  if (on_cpu) { emulate<BITS, A8>(p, M); return 0; }
+  return launch<BITS, A8>(p, M, stream);
+}
+
+// dp4a: the integer path (bits 1, 2, 4, 8); otherwise the float path (every width).
+int dispatch(const Args& p, int M, int bits, bool dp4a, cudaStream_t stream, bool on_cpu) {
+  if (dp4a) {
+    switch (bits) {
+      case 1: return run<1, true>(p, M, stream, on_cpu);
+      case 2: return run<2, true>(p, M, stream, on_cpu);
+      case 4: return run<4, true>(p, M, stream, on_cpu);
+      case 8: return run<8, true>(p, M, stream, on_cpu);
+      default: return -1;
+    }
+  }
   switch (bits) {
-    case 1: return on_cpu ? (emulate<1, A8>(p, M), 0) : launch<1, A8>(p, M, stream);
-    case 2: return on_cpu ? (emulate<2, A8>(p, M), 0) : launch<2, A8>(p, M, stream);
-    case 4: return on_cpu ? (emulate<4, A8>(p, M), 0) : launch<4, A8>(p, M, stream);
-    case 8: return on_cpu ? (emulate<8, A8>(p, M), 0) : launch<8, A8>(p, M, stream);
+    case 1: return run<1, false>(p, M, stream, on_cpu);
+    case 2: return run<2, false>(p, M, stream, on_cpu);
+    case 3: return run<3, false>(p, M, stream, on_cpu);
+    case 4: return run<4, false>(p, M, stream, on_cpu);
+    case 5: return run<5, false>(p, M, stream, on_cpu);
+    case 6: return run<6, false>(p, M, stream, on_cpu);
+    case 7: return run<7, false>(p, M, stream, on_cpu);
+    case 8: return run<8, false>(p, M, stream, on_cpu);
     default: return -1;
   }
 }
@@ -409,48 +449,50 @@ int dispatch(const Args& p, int M, int bits, cudaStream_t stream, bool on_cpu) {
 
 using kpgemv::Args;
 
+// mode: 0 the float path on float x, 1 the dp4a path (integer activations, bits 1/2/4/8), 2 the float path on
+// integer activations. bf16: x (float path), bias and y are bf16, else fp16.
 static Args make_args(const void* qw, const void* sw, const void* zw, const void* x, const float* sx,
                       const int32_t* ax, const void* bias, void* y, float* ws, int32_t* cnt, int N, int K, int SEG,
-                      int WPG, int NW, int stride_x, int stride_y, int words_per_split, int splits,
-                      uint32_t magic) {
+                      int WPG, int NW, int stride_x, int stride_y, int mode, int bf16, int words_per_split,
+                      int splits, uint32_t magic) {
   Args p;
   p.qw = static_cast<const int32_t*>(qw); p.sw = static_cast<const __half*>(sw); p.zw = static_cast<const uint8_t*>(zw);
-  p.x = x; p.sx = sx; p.ax = ax; p.bias = static_cast<const __half*>(bias); p.y = static_cast<__half*>(y);
+  p.x = x; p.sx = sx; p.ax = ax; p.bias = bias; p.y = y;
   p.ws = ws; p.cnt = cnt; p.N = N; p.K = K; p.SEG = SEG; p.WPG = WPG; p.NW = NW; p.stride_x = stride_x;
   p.stride_y = stride_y; p.words_per_split = words_per_split; p.splits = splits;
   p.tiles = (N + kpgemv::TILE_N - 1) / kpgemv::TILE_N;
   p.magic = magic;
+  p.x_int = mode == 2;
+  p.bf16 = bf16;
   return p;
 }
 
 extern "C" {
 
 // Bytes of dynamic shared memory a block needs (the launcher keeps it under the device's limit).
-size_t abq_gemv_shared_bytes(int words_per_split, int bits, int act_int) {
-  int slots = act_int ? 8 / bits : 32 / bits;
-  return kpgemv::shared_bytes(words_per_split, slots, act_int != 0);
+size_t abq_gemv_shared_bytes(int words_per_split, int bits, int dp4a) {
+  int slots = dp4a ? 8 / bits : 32 / bits;
+  return kpgemv::shared_bytes(words_per_split, slots, dp4a != 0);
 }
 
 // Returns a cudaError_t (0: launched), or -1 for an unsupported width. `magic` must be 0x4B000000 (see Args).
 int abq_gemv(const void* qw, const void* sw, const void* zw, const void* x, const float* sx, const int32_t* ax,
              const void* bias, void* y, float* ws, int32_t* cnt, int M, int N, int K, int SEG, int WPG, int NW,
-             int stride_x, int stride_y, int bits, int act_int, int words_per_split, int splits, uint32_t magic,
-             void* stream) {
-  Args p = make_args(qw, sw, zw, x, sx, ax, bias, y, ws, cnt, N, K, SEG, WPG, NW, stride_x, stride_y,
+             int stride_x, int stride_y, int bits, int mode, int bf16, int words_per_split, int splits,
+             uint32_t magic, void* stream) {
+  Args p = make_args(qw, sw, zw, x, sx, ax, bias, y, ws, cnt, N, K, SEG, WPG, NW, stride_x, stride_y, mode, bf16,
                      words_per_split, splits, magic);
-  cudaStream_t s = static_cast<cudaStream_t>(stream);
-  return act_int ? kpgemv::dispatch<true>(p, M, bits, s, false) : kpgemv::dispatch<false>(p, M, bits, s, false);
+  return kpgemv::dispatch(p, M, bits, mode == 1, static_cast<cudaStream_t>(stream), false);
 }
 
 // The same kernel run on the CPU over host pointers (phases in order, blocks one after another).
 int abq_gemv_emulate(const void* qw, const void* sw, const void* zw, const void* x, const float* sx,
                      const int32_t* ax, const void* bias, void* y, float* ws, int32_t* cnt, int M, int N, int K,
-                     int SEG, int WPG, int NW, int stride_x, int stride_y, int bits, int act_int,
+                     int SEG, int WPG, int NW, int stride_x, int stride_y, int bits, int mode, int bf16,
                      int words_per_split, int splits, uint32_t magic) {
-  Args p = make_args(qw, sw, zw, x, sx, ax, bias, y, ws, cnt, N, K, SEG, WPG, NW, stride_x, stride_y,
+  Args p = make_args(qw, sw, zw, x, sx, ax, bias, y, ws, cnt, N, K, SEG, WPG, NW, stride_x, stride_y, mode, bf16,
                      words_per_split, splits, magic);
-  return act_int ? kpgemv::dispatch<true>(p, M, bits, nullptr, true)
-                 : kpgemv::dispatch<false>(p, M, bits, nullptr, true);
+  return kpgemv::dispatch(p, M, bits, mode == 1, nullptr, true);
 }
 
 const char* abq_gemv_error_string(int code) { return cudaGetErrorString(static_cast<cudaError_t>(code)); }

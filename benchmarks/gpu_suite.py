@@ -59,7 +59,7 @@ SWEEP = {1: [dict(bm=1, bn=64, bk=128, use_dot=False, num_warps=4, num_stages=2)
                 dict(bm=64, bn=256, bk=64, num_warps=8, num_stages=3),
                 dict(bm=128, bn=128, bk=128, num_warps=8, num_stages=4)]}
 E2E_VARIANTS = ["fp16", "W8A8", "W4A16", "W4A8", "W3A8", "W2A8", "W2*A8"]
-LLAMA_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]  # q/k/v/o, gate/up, down
+LLAMA_SHAPES = [(12288, 4096), (4096, 4096), (22016, 4096), (4096, 11008)]  # qkv, o, gate_up, down (llama.py)
 
 
 def parse_args(argv=None):

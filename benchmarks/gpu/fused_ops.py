@@ -5,7 +5,8 @@ RMSNorm's pow/mean/rsqrt/mul, rope's slices/stack/flatten, the cache writes, sil
 with torch.profiler on the CPU). At 2-3 us each inside a CUDA graph that is 2.5-4 ms per token for 32 layers,
 about as long as fp16 spends reading its 13.5 GB of weights: it would hide any kernel speed-up (the H200 run's
 W2A16 decode was 1.01x fp16 while its GEMV was 1.78x). Fused, a layer takes 5 of these kernels plus attention:
-add + RMSNorm (twice), rope + KV-cache write, silu * up.
+add + RMSNorm (twice), rope + KV-cache write (reading the fused qkv projection), silu * up (reading the fused
+gate/up projection).
 
 Each kernel computes what the torch path in llama.py computes, with the same roundings to fp16 (checked on the CPU
 in Triton's interpreter by tests/test_benchmark_llama.py). Imported lazily: importing it imports triton.
@@ -35,23 +36,26 @@ def add_rmsnorm_kernel(x_ptr, d_ptr, w_ptr, h_ptr, y_ptr, D, eps, HAS_DELTA: tl.
 
 
 @triton.jit
-def rope_cache_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, qo_ptr, kc_ptr, vc_ptr, T, H, S,
+def rope_cache_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, qo_ptr, kc_ptr, vc_ptr, T, H, S,
                       HALF: tl.constexpr):
-    """Program (b, t, h): rotate head h of q and k at step t by rope (pairs 2i, 2i+1; cos/sin of position pos[t]),
-    write q to qo [B, H, T, D] and k, v into the caches [B, H, S, D] at row pos[t]."""
+    """Program (b, t, h): from qkv [B, T, 3 H D] (the fused projection), rotate head h of q and k at step t by rope
+    (pairs 2i, 2i+1; cos/sin of position pos[t]), write q to qo [B, H, T, D] and k, v into the caches [B, H, S, D]
+    at row pos[t]."""
     b = tl.program_id(0).to(tl.int64)
     t = tl.program_id(1).to(tl.int64)
     h = tl.program_id(2).to(tl.int64)
     i = tl.arange(0, HALF)
     D: tl.constexpr = 2 * HALF
-    src = ((b * T + t) * H + h) * D  # q, k, v: [B, T, H * D]
+    q_src = (b * T + t) * 3 * H * D + h * D
+    k_src = q_src + H * D
+    v_src = k_src + H * D
     p = tl.load(pos_ptr + t).to(tl.int64)
     c = tl.load(cos_ptr + p * HALF + i)
     s = tl.load(sin_ptr + p * HALF + i)
-    q1 = tl.load(q_ptr + src + 2 * i).to(tl.float32)
-    q2 = tl.load(q_ptr + src + 2 * i + 1).to(tl.float32)
-    k1 = tl.load(k_ptr + src + 2 * i).to(tl.float32)
-    k2 = tl.load(k_ptr + src + 2 * i + 1).to(tl.float32)
+    q1 = tl.load(qkv_ptr + q_src + 2 * i).to(tl.float32)
+    q2 = tl.load(qkv_ptr + q_src + 2 * i + 1).to(tl.float32)
+    k1 = tl.load(qkv_ptr + k_src + 2 * i).to(tl.float32)
+    k2 = tl.load(qkv_ptr + k_src + 2 * i + 1).to(tl.float32)
     dst_q = ((b * H + h) * T + t) * D
     dst_c = ((b * H + h) * S + p) * D
     ty = qo_ptr.dtype.element_ty
@@ -59,19 +63,22 @@ def rope_cache_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, qo_ptr, kc
     tl.store(qo_ptr + dst_q + 2 * i + 1, (q1 * s + q2 * c).to(ty))
     tl.store(kc_ptr + dst_c + 2 * i, (k1 * c - k2 * s).to(ty))
     tl.store(kc_ptr + dst_c + 2 * i + 1, (k1 * s + k2 * c).to(ty))
-    tl.store(vc_ptr + dst_c + 2 * i, tl.load(v_ptr + src + 2 * i))
-    tl.store(vc_ptr + dst_c + 2 * i + 1, tl.load(v_ptr + src + 2 * i + 1))
+    tl.store(vc_ptr + dst_c + 2 * i, tl.load(qkv_ptr + v_src + 2 * i))
+    tl.store(vc_ptr + dst_c + 2 * i + 1, tl.load(qkv_ptr + v_src + 2 * i + 1))
 
 
 @triton.jit
-def silu_mul_kernel(g_ptr, u_ptr, y_ptr, numel, BLOCK: tl.constexpr):
-    """y = fp16(silu(g)) * u, as F.silu(g) * u rounds."""
+def silu_mul_kernel(gu_ptr, y_ptr, numel, F, BLOCK: tl.constexpr):
+    """From gu [rows, 2 F] (the fused gate/up projection): y [rows, F] = fp16(silu(gate)) * up, as F.silu(g) * u
+    rounds."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < numel
-    g = tl.load(g_ptr + offs, mask=ok, other=0.0)
+    r = offs // F
+    src = offs + r * F  # row r's gate at r * 2F + i, its up F further
+    g = tl.load(gu_ptr + src, mask=ok, other=0.0)
     gf = g.to(tl.float32)
     a = (gf / (1.0 + tl.exp(-gf))).to(g.dtype).to(tl.float32)
-    u = tl.load(u_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    u = tl.load(gu_ptr + src + F, mask=ok, other=0.0).to(tl.float32)
     tl.store(y_ptr + offs, (a * u).to(y_ptr.dtype.element_ty), mask=ok)
 
 
@@ -87,18 +94,21 @@ def add_rmsnorm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tenso
     return h.view(x.shape), y.view(x.shape)
 
 
-def rope_cache(q, k, v, cos, sin, pos, k_cache, v_cache):
-    """q, k, v [B, T, H * D] (contiguous) -> rotated q [B, H, T, D]; rotated k and v written at pos into the caches."""
-    b, t, _ = q.shape
+def rope_cache(qkv, cos, sin, pos, k_cache, v_cache):
+    """qkv [B, T, 3 H D] (contiguous) -> rotated q [B, H, T, D]; rotated k and v written at pos into the caches."""
+    b, t, _ = qkv.shape
     _, heads, s, dh = k_cache.shape
-    qo = torch.empty(b, heads, t, dh, dtype=q.dtype, device=q.device)
-    rope_cache_kernel[(b, t, heads)](q, k, v, cos, sin, pos, qo, k_cache, v_cache, t, heads, s, HALF=dh // 2,
-                                     num_warps=1)
+    qo = torch.empty(b, heads, t, dh, dtype=qkv.dtype, device=qkv.device)
+    rope_cache_kernel[(b, t, heads)](qkv.contiguous(), cos, sin, pos, qo, k_cache, v_cache, t, heads, s,
+                                     HALF=dh // 2, num_warps=1)
     return qo
 
 
-def silu_mul(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    y = torch.empty_like(g)
+def silu_mul(gu: torch.Tensor) -> torch.Tensor:
+    """gu [..., 2 F] -> silu(gate) * up [..., F]."""
+    f = gu.shape[-1] // 2
+    gu = gu.contiguous()
+    y = torch.empty(*gu.shape[:-1], f, dtype=gu.dtype, device=gu.device)
     block = 1024
-    silu_mul_kernel[(triton.cdiv(g.numel(), block),)](g, u, y, g.numel(), BLOCK=block, num_warps=4)
+    silu_mul_kernel[(triton.cdiv(y.numel(), block),)](gu, y, y.numel(), f, BLOCK=block, num_warps=4)
     return y

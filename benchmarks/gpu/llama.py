@@ -78,9 +78,12 @@ class Block(nn.Module):
         super().__init__()
         self.s = s
         d = s.dim
-        self.q, self.k, self.v, self.o = (make_linear(d, d, spec, device, seed + i) for i in range(4))
-        self.gate, self.up = make_linear(d, s.ffn, spec, device, seed + 4), make_linear(d, s.ffn, spec, device, seed + 5)
-        self.down = make_linear(s.ffn, d, spec, device, seed + 6)
+        # q, k, v as one [3 dim, dim] linear and gate, up as one [2 ffn, dim] (as vLLM and gpt-fast hold them; rows
+        # are independent, per-group scales included, so this is the same arithmetic with fewer, wider launches)
+        self.qkv = make_linear(d, 3 * d, spec, device, seed)
+        self.o = make_linear(d, d, spec, device, seed + 1)
+        self.gate_up = make_linear(d, 2 * s.ffn, spec, device, seed + 2)
+        self.down = make_linear(s.ffn, d, spec, device, seed + 3)
         self.norm1, self.norm2 = RMSNorm(d, device), RMSNorm(d, device)
         shape = (batch, s.n_heads, s.max_seq, s.head_dim)
         self.register_buffer("k_cache", torch.zeros(shape, dtype=torch.float16, device=device), persistent=False)
@@ -92,23 +95,23 @@ class Block(nn.Module):
         from benchmarks.gpu import fused_ops as FO
         b, t, _ = x.shape
         x, h = FO.add_rmsnorm(x, delta, self.norm1.weight, 1e-5)
-        q = FO.rope_cache(self.q(h), self.k(h), self.v(h), self.rope_cos, self.rope_sin, pos, self.k_cache,
-                          self.v_cache)
+        q = FO.rope_cache(self.qkv(h), self.rope_cos, self.rope_sin, pos, self.k_cache, self.v_cache)
         a = F.scaled_dot_product_attention(q, self.k_cache, self.v_cache, attn_mask=mask)
         x, h = FO.add_rmsnorm(x, self.o(a.transpose(1, 2).reshape(b, t, -1)), self.norm2.weight, 1e-5)
-        return x, self.down(FO.silu_mul(self.gate(h), self.up(h)))
+        return x, self.down(FO.silu_mul(self.gate_up(h)))
 
     def forward(self, x, pos, cos, sin, mask):
         b, t, _ = x.shape
         h = self.norm1(x)
-        q, k, v = (p(h).view(b, t, self.s.n_heads, self.s.head_dim).transpose(1, 2) for p in (self.q, self.k, self.v))
+        q, k, v = (p.view(b, t, self.s.n_heads, self.s.head_dim).transpose(1, 2) for p in self.qkv(h).chunk(3, -1))
         q, k = rope(q, cos, sin), rope(k, cos, sin)
         self.k_cache.index_copy_(2, pos, k)
         self.v_cache.index_copy_(2, pos, v)
         a = F.scaled_dot_product_attention(q, self.k_cache, self.v_cache, attn_mask=mask)
         x = x + self.o(a.transpose(1, 2).reshape(b, t, -1))
         h = self.norm2(x)
-        return x + self.down(F.silu(self.gate(h)) * self.up(h))
+        gate, up = self.gate_up(h).chunk(2, -1)
+        return x + self.down(F.silu(gate) * up)
 
 
 def rope(x, cos, sin):

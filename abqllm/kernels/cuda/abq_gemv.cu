@@ -365,6 +365,17 @@ HD void block_range(const Args& p, int split, int& w0, int& nwords) {
   nwords = (end < p.NW ? end : p.NW) - w0;
 }
 
+// Device only (a hint, no effect on results): L2 prefetch of the first 2 * UNROLL word rows of this thread's
+// warp, issued before the activations are staged so that the two latencies overlap.
+__device__ __forceinline__ void prefetch_words(const Args& p, int tile, int w0, int nwords, int tid) {
+  const int warp = tid / 32, lane = tid % 32, n0 = tile * TILE_N + lane * COLS;
+  const int per_warp = (nwords + WARPS - 1) / WARPS, wa = w0 + warp * per_warp;
+  const int wb = (w0 + nwords < wa + per_warp) ? w0 + nwords : wa + per_warp;
+  if (n0 >= p.N) return;
+  for (int w = wa; w < wb && w < wa + 2 * UNROLL; ++w)
+    asm volatile("prefetch.global.L2 [%0];" ::"l"(p.qw + (size_t)w * p.N + n0));
+}
+
 template <int BITS, bool A8>
 __global__ void __launch_bounds__(THREADS) gemv_kernel(Args p) {
   extern __shared__ __align__(16) unsigned char smem[];
@@ -372,6 +383,7 @@ __global__ void __launch_bounds__(THREADS) gemv_kernel(Args p) {
   int w0, nwords;
   block_range(p, split, w0, nwords);
   const Shared s = carve(smem, p.words_per_split, Traits<BITS, A8>::SLOTS, A8);
+  prefetch_words(p, tile, w0, nwords, tid);  // the first weight rows travel to L2 while x is staged
   stage_x<BITS, A8>(p, s, row, w0, nwords, tid);
   __syncthreads();
   accumulate<BITS, A8>(p, s, row, tile, w0, nwords, tid);

@@ -33,9 +33,10 @@ BITS = tuple(range(1, 9))
 DP4A_BITS = (1, 2, 4, 8)  # codes never straddle a byte: the dp4a path
 WARPS, UNROLL, TILE_N = 4, 4, 128  # as in abq_gemv.cu
 BLOCKS_PER_SM = 4  # 16 resident warps per SM: one wave (untimed)
+GEMV_MAX_M = 4  # rows up to which 'cuda-gemv' takes the GEMV (blocks of 4 rows read the weights once; untimed)
 SHARED_LIMIT = 48 * 1024  # dynamic shared memory without opting in
 _LOCK = threading.Lock()
-_ARGS = [ctypes.c_void_p] * 10 + [ctypes.c_int] * 13 + [ctypes.c_uint32]
+_ARGS = [ctypes.c_void_p] * 10 + [ctypes.c_int] * 14 + [ctypes.c_uint32]
 MAGIC = 0x4B000000  # 2^23: abq_gemv.cu's code-to-float constant, passed at run time (see Args there)
 
 
@@ -44,7 +45,7 @@ def _load(arch: str) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(CU.build(arch, source=SOURCE)))
     lib.abq_gemv.argtypes = _ARGS + [ctypes.c_void_p]
     lib.abq_gemv_emulate.argtypes = list(_ARGS)
-    lib.abq_gemv_shared_bytes.argtypes = [ctypes.c_int] * 3
+    lib.abq_gemv_shared_bytes.argtypes = [ctypes.c_int] * 4
     lib.abq_gemv_shared_bytes.restype = ctypes.c_size_t
     lib.abq_gemv_error_string.argtypes = [ctypes.c_int]
     lib.abq_gemv_error_string.restype = ctypes.c_char_p
@@ -68,15 +69,27 @@ def mode(bits: int, act_bits: int) -> int:
     return 1 if bits in DP4A_BITS else 2
 
 
+def block_rows(m: int) -> int:
+    """Activation rows a block takes (it reads its weights once for all of them): 1, 2 or 4."""
+    return 1 if m <= 1 else 2 if m == 2 else 4
+
+
+def shared_bytes(per: int, bits: int, dp4a: bool, rows: int) -> int:
+    """As abq_gemv.cu's shared_bytes: staged x and its sums per row, code counts, the per-warp partials."""
+    return rows * per * (slots(bits, dp4a) + 1) * 4 + (per * 4 if dp4a else 0) + WARPS * rows * TILE_N * 4 + 16
+
+
 def plan(m: int, n: int, nw: int, bits: int, dp4a: bool, sms: int,
          blocks_per_sm: int = BLOCKS_PER_SM) -> tuple[int, int]:
     """(words_per_split, splits): about `blocks_per_sm` blocks per SM, at least one unrolled step per warp, shared
     memory under 48 KB, and (dp4a) at most 32768 codes a warp so that the int32 sums cannot overflow."""
-    tiles = -(-n // TILE_N)
-    want = max(1, blocks_per_sm * sms // max(1, tiles * m))
+    rows = block_rows(m)
+    tiles, rblocks = -(-n // TILE_N), -(-m // rows)
+    want = max(1, blocks_per_sm * sms // max(1, tiles * rblocks))
     splits = max(1, min(want, nw // (WARPS * UNROLL)))
     per = -(-nw // splits)
-    cap = (SHARED_LIMIT - WARPS * TILE_N * 4 - 16) // (slots(bits, dp4a) * 4 + (8 if dp4a else 4))
+    cap = ((SHARED_LIMIT - WARPS * rows * TILE_N * 4 - 16)
+           // (rows * (slots(bits, dp4a) + 1) * 4 + (4 if dp4a else 0)))
     if dp4a:
         cap = min(cap, WARPS * 32768 // KP.codes_per_word(bits))
     per = max(1, min(per, cap))
@@ -110,7 +123,7 @@ def cuda_gemv(x: torch.Tensor, qweight_t: torch.Tensor, scales_t: torch.Tensor, 
     per, splits = plan(m, n, nw, bits, path == 1, sms, blocks_per_sm)
     if words_per_split:
         per, splits = words_per_split, -(-nw // words_per_split)
-    tiles = -(-n // TILE_N)
+    tiles, rows = -(-n // TILE_N), block_rows(m)
     if emulate:
         ws, cnt = torch.zeros(m * n), torch.zeros(m * tiles, dtype=torch.int32)
     else:
@@ -122,8 +135,8 @@ def cuda_gemv(x: torch.Tensor, qweight_t: torch.Tensor, scales_t: torch.Tensor, 
     args = [qweight_t.data_ptr(), scales_t.contiguous().data_ptr(), zeros_t.contiguous().data_ptr(),
             a_in.data_ptr(), sx.data_ptr() if path else None, ax.data_ptr() if path else None,
             bias_y.data_ptr() if bias_y is not None else None, y.data_ptr(), ws.data_ptr(), cnt.data_ptr(),
-            m, n, k, seg, wpg, nw, a_in.stride(0), y.stride(0), bits, path, int(x.dtype == torch.bfloat16), per,
-            splits, MAGIC]
+            m, n, k, seg, wpg, nw, a_in.stride(0), y.stride(0), bits, path, int(x.dtype == torch.bfloat16), rows,
+            per, splits, MAGIC]
     if emulate:
         code = lib.abq_gemv_emulate(*args)
     else:
@@ -142,10 +155,11 @@ def supports(layer, device: torch.device) -> bool:
 
 @register("linear", "cuda-gemv", priority=4, supports=supports)
 def linear_cuda_gemv(layer, x: torch.Tensor) -> torch.Tensor:
-    """Decode rows (up to KP_MAX_M) through the CUDA GEMV; more rows as 'triton-kpacked' serves them. Named only."""
+    """Decode batches up to GEMV_MAX_M rows through the CUDA GEMV; more rows as 'triton-kpacked' serves them.
+    Named only."""
     from abqllm.kernels import custom_ops
-    from abqllm.kernels.kpacked_linear import KP_MAX_M, layer_kp_args, linear_triton_kpacked, rows
-    if 0 < rows(x) <= KP_MAX_M:
+    from abqllm.kernels.kpacked_linear import layer_kp_args, linear_triton_kpacked, rows
+    if 0 < rows(x) <= GEMV_MAX_M:
         if x.dtype not in (torch.float16, torch.bfloat16):
             raise AbqError(f"kernel 'cuda-gemv' needs fp16 or bf16 activations, got {x.dtype}; use kernel='triton'")
         return custom_ops.cuda_gemv(x, **layer_kp_args(layer))

@@ -62,8 +62,11 @@ if not INTERPRETED:
             for name in ("abq_gemv", "abq_gemv_emulate", "abq_gemv_shared_bytes", "abq_gemv_error_string"):
                 assert hasattr(lib, name)
             # the launcher's own accounting of shared memory agrees with the plan's cap
-            per, _ = CG.plan(1, 8192, 4096, 1, False, 132, blocks_per_sm=1)
-            assert lib.abq_gemv_shared_bytes(per, 1, 0) <= CG.SHARED_LIMIT
+            for m, bits, dp4a in ((1, 1, False), (4, 1, False), (2, 8, True), (4, 3, False)):
+                per, _ = CG.plan(m, 8192, 4096, bits, dp4a, 132, blocks_per_sm=1)
+                rows = CG.block_rows(m)
+                assert lib.abq_gemv_shared_bytes(per, bits, int(dp4a), rows) == CG.shared_bytes(per, bits, dp4a, rows)
+                assert CG.shared_bytes(per, bits, dp4a, rows) <= CG.SHARED_LIMIT
         finally:
             CG._load.cache_clear()
 
@@ -94,6 +97,12 @@ CASES = [
     ("4", 16, 128, 512, 1, 136, True, False, False, None, torch.bfloat16),
     ("3", 8, 64, 640, 1, 136, True, False, False, 4, torch.bfloat16),
     ("8", 8, 0, 256, 1, 136, True, False, False, None, torch.bfloat16),
+    # several activation rows a block (2, or 4 with the last block part-filled)
+    ("4", 16, 128, 512, 2, 136, True, False, False, None),
+    ("2", 8, 64, 640, 3, 136, False, False, False, 4),  # dp4a, a 4-row block with one row empty
+    ("8", 8, 0, 256, 4, 136, True, False, False, None),  # A8 asymmetric: offsets differ per row
+    ("3", 8, 128, 1000, 5, 136, True, False, False, 8),  # float path on integers, two row blocks
+    ("5", 16, 32, 160, 7, 8, False, False, False, 2, torch.bfloat16),
 ]
 
 
@@ -116,8 +125,7 @@ def test_plan_covers_every_word_once_within_the_caps():
                                  (4, 11008, 128, 1, False), (1, 64, 100000, 8, True), (1, 4096, 416, 3, False)]:
         per, splits = CG.plan(m, n, nw, bits, dp4a, 132)
         assert (splits - 1) * per < nw <= splits * per
-        slots = CG.slots(bits, dp4a)
-        assert per * (slots * 4 + (8 if dp4a else 4)) + CG.WARPS * CG.TILE_N * 4 + 16 <= CG.SHARED_LIMIT
+        assert CG.shared_bytes(per, bits, dp4a, CG.block_rows(m)) <= CG.SHARED_LIMIT
         if dp4a:
             assert -(-per // CG.WARPS) * (32 // bits) <= 32768  # int32 sums of a warp cannot overflow
 
@@ -164,7 +172,8 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available() or NVCC is None, reason="
 @pytest.mark.parametrize("a", [16, 8, 4])
 def test_gpu_matches_reference(w, a):
     dev = torch.device("cuda")
-    for gs, k, m, n in ((128, 4096, 1, 4096), (0, 1000, 1, 300), (64, 576, 3, 132), (128, 11008, 1, 4096)):
+    for gs, k, m, n in ((128, 4096, 1, 4096), (0, 1000, 1, 300), (64, 576, 3, 132), (128, 11008, 1, 4096),
+                        (128, 4096, 4, 4096)):
         layer = make_layer(w, a, gs, n, k, bias=True, seed=k)
         x = activations(m, k, seed=k)
         ref = linear_reference(layer, x.double())

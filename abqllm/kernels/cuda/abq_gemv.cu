@@ -56,7 +56,7 @@ struct Args {
   void* y;              // [M, stride_y], fp16 or bf16
   float* ws;            // [M, N] zero, split-K partial sums
   int32_t* cnt;         // [M, tiles] zero, split-K arrival counters
-  int N, K, SEG, WPG, NW, stride_x, stride_y, words_per_split, splits, tiles;
+  int M, N, K, SEG, WPG, NW, stride_x, stride_y, words_per_split, splits, tiles;
   // 0x4B000000 (2^23), a run-time value so that it sits in a register: then each code's mask is the immediate
   // of one LOP3 ((word & mask) | magic). As a constant, nvcc splits that into two LOP3s (one immediate each).
   uint32_t magic;
@@ -64,11 +64,11 @@ struct Args {
   int bf16;             // x (float path), bias and y are bf16, else fp16
 };
 
-struct Shared {        // views into the block's dynamic shared memory
-  uint32_t* xt;        // staged x: A16 float x_j * 2^-sh [words][PER]; A8 byte quads [words][R]
-  int32_t* xsum;       // A8: sum of the word's real xq; A16: the float sum of its real x (bit pattern)
-  int32_t* xcnt;       // A8: real codes in the word
-  float* red;          // [WARPS][TILE_N] per-warp partial sums
+struct Shared {        // views into the block's dynamic shared memory (ROWS activation rows)
+  uint32_t* xt;        // staged x [ROWS][words][SLOTS]: float path x_j * 2^-sh; dp4a byte quads
+  int32_t* xsum;       // [ROWS][words]: dp4a the sum of the word's real xq; float path their float sum (bits)
+  int32_t* xcnt;       // [words]: real codes in the word (dp4a)
+  float* red;          // [WARPS][ROWS][TILE_N] per-warp partial sums
   int32_t* last;       // this block finishes its tile
 };
 
@@ -168,63 +168,72 @@ HD int code_column(const Args& p, int w, int code, int PER) {
   return (in_seg < p.SEG && k < p.K) ? k : -1;
 }
 
-// ---- phase 1: stage the block's x (thread tid of THREADS)
-template <int BITS, bool A8>
-HD void stage_x(const Args& p, const Shared& s, int row, int w0, int nwords, int tid) {
+// ---- phase 1: stage the block's x for its ROWS activation rows (thread tid of THREADS); rows past M are zeros
+template <int BITS, bool A8, int ROWS>
+HD void stage_x(const Args& p, const Shared& s, int row0, int w0, int nwords, int tid) {
   constexpr int PER = Traits<BITS, A8>::PER, SLOTS = Traits<BITS, A8>::SLOTS;
-  for (int e = tid; e < nwords * SLOTS; e += THREADS) {
-    int wl = e / SLOTS, j = e - wl * SLOTS, w = w0 + wl;
-    if (A8) {
-      const int8_t* x = static_cast<const int8_t*>(p.x) + (size_t)row * p.stride_x;
-      uint32_t quad = 0;
-      for (int b = 0; b < 4; ++b) {
-        int k = code_column(p, w, b * SLOTS + j, PER);
-        quad |= (uint32_t)(uint8_t)(k >= 0 ? x[k] : 0) << (8 * b);
+  for (int r = 0; r < ROWS; ++r) {
+    const int row = row0 + r;
+    const bool live = row < p.M;
+    uint32_t* xt = s.xt + (size_t)r * p.words_per_split * SLOTS;
+    for (int e = tid; e < nwords * SLOTS; e += THREADS) {
+      int wl = e / SLOTS, j = e - wl * SLOTS, w = w0 + wl;
+      if (A8) {
+        const int8_t* x = static_cast<const int8_t*>(p.x) + (size_t)row * p.stride_x;
+        uint32_t quad = 0;
+        for (int b = 0; b < 4 && live; ++b) {
+          int k = code_column(p, w, b * SLOTS + j, PER);
+          quad |= (uint32_t)(uint8_t)(k >= 0 ? x[k] : 0) << (8 * b);
+        }
+        xt[e] = quad;
+      } else {
+        int k = live ? code_column(p, w, j, PER) : -1;
+        float v = k >= 0 ? act_value(p, row, k) : 0.f;
+        xt[e] = float_bits(v * (1.0f / (float)(1u << field_shift<BITS>(j))));
       }
-      s.xt[e] = quad;
-    } else {
-      int k = code_column(p, w, j, PER);
-      float v = k >= 0 ? act_value(p, row, k) : 0.f;
-      s.xt[e] = float_bits(v * (1.0f / (float)(1u << field_shift<BITS>(j))));
     }
-  }
-  for (int wl = tid; wl < nwords; wl += THREADS) {
-    if (A8) {
-      const int8_t* x = static_cast<const int8_t*>(p.x) + (size_t)row * p.stride_x;
-      int sum = 0, count = 0;
+    int32_t* xsum = s.xsum + (size_t)r * p.words_per_split;
+    for (int wl = tid; wl < nwords; wl += THREADS) {
+      int isum = 0, count = 0;
+      float fsum = 0.f;
       for (int c = 0; c < PER; ++c) {
         int k = code_column(p, w0 + wl, c, PER);
-        if (k >= 0) { sum += x[k]; ++count; }
+        if (k < 0) continue;
+        ++count;
+        if (!live) continue;
+        if (A8) isum += static_cast<const int8_t*>(p.x)[(size_t)row * p.stride_x + k];
+        else fsum += act_value(p, row, k);
       }
-      s.xsum[wl] = sum;
-      s.xcnt[wl] = count;
-    } else {
-      float sum = 0.f;
-      for (int c = 0; c < PER; ++c) {
-        int k = code_column(p, w0 + wl, c, PER);
-        if (k >= 0) sum += act_value(p, row, k);
-      }
-      s.xsum[wl] = (int32_t)float_bits(sum);
+      xsum[wl] = A8 ? isum : (int32_t)float_bits(fsum);
+      if (A8 && r == 0) s.xcnt[wl] = count;
     }
   }
 }
 
-// ---- phase 2: this lane's 4 columns over its warp's quarter of the block's words; partials to s.red
-template <int BITS, bool A8>
-HD void accumulate(const Args& p, const Shared& s, int row, int tile, int w0, int nwords, int tid) {
+// ---- phase 2: this lane's 4 columns x ROWS rows over its warp's quarter of the block's words; partials to s.red
+template <int BITS, bool A8, int ROWS>
+HD void accumulate(const Args& p, const Shared& s, int row0, int tile, int w0, int nwords, int tid) {
   constexpr int SLOTS = Traits<BITS, A8>::SLOTS;
   constexpr uint32_t FIELD = (1u << BITS) - 1;
   constexpr uint32_t MASK = FIELD * 0x01010101u;  // A8: the field in each byte
   const int warp = tid / 32, lane = tid % 32;
   const int n0 = tile * TILE_N + lane * COLS;
-  float acc[COLS] = {0.f, 0.f, 0.f, 0.f};
+  const size_t xt_row = (size_t)p.words_per_split * SLOTS, xs_row = (size_t)p.words_per_split;
+  float acc[ROWS][COLS];
+  for (int r = 0; r < ROWS; ++r)
+    for (int c = 0; c < COLS; ++c) acc[r][c] = 0.f;
   if (n0 < p.N) {
     const int per_warp = (nwords + WARPS - 1) / WARPS;
     const int wa = w0 + warp * per_warp;
     const int wb = (w0 + nwords < wa + per_warp) ? w0 + nwords : wa + per_warp;
-    const int a = A8 ? p.ax[row] : 0;
-    // the running group (ends before word `group_end`): its scale and zero, and its integer (A8) or float (A16)
-    // sums. Tracked by its end so that the loop divides only when a group starts.
+    int a[ROWS];
+    bool offset = false;  // any row with an activation offset (uniform across the block)
+    for (int r = 0; r < ROWS; ++r) {
+      a[r] = A8 && row0 + r < p.M ? p.ax[row0 + r] : 0;
+      offset |= a[r] != 0;
+    }
+    // the running group (ends before word `group_end`): its scale and zero, and its integer (A8) or float sums.
+    // Tracked by its end so that the loop divides only when a group starts.
     int group_end = wa;
     // a running pointer to word row w's 4 columns (N % 4 == 0): one add per load, no 64-bit multiplies
     const size_t row4 = (size_t)(p.N / 4);
@@ -232,10 +241,14 @@ HD void accumulate(const Args& p, const Shared& s, int row, int tile, int w0, in
     const uint32_t magic = p.magic;
     float scale[COLS] = {0.f, 0.f, 0.f, 0.f};
     int32_t zero[COLS] = {0, 0, 0, 0};
-    float gsum[COLS] = {0.f, 0.f, 0.f, 0.f};
-    int32_t dot[COLS] = {0, 0, 0, 0}, usum[COLS] = {0, 0, 0, 0};
-    int32_t xs = 0, xc = 0;  // A8: the group's sum of xq and count of real codes
-    float xsf = 0.f;         // A16: the group's sum of x
+    float gsum[ROWS][COLS];
+    int32_t dot[ROWS][COLS], usum[COLS] = {0, 0, 0, 0};
+    int32_t xs[ROWS], xc = 0;  // A8: the group's sums of xq per row, and its count of real codes
+    float xsf[ROWS];           // float path: the group's sum of x per row
+    for (int r = 0; r < ROWS; ++r) {
+      xs[r] = 0; xsf[r] = 0.f;
+      for (int c = 0; c < COLS; ++c) { gsum[r][c] = 0.f; dot[r][c] = 0; }
+    }
     for (int w = wa; w < wb; w += UNROLL, wp += UNROLL * row4) {
       uint32_t words[UNROLL][COLS];
 #pragma unroll
@@ -250,68 +263,92 @@ HD void accumulate(const Args& p, const Shared& s, int row, int tile, int w0, in
           const int g = wu / p.WPG;
           group_end = (g + 1) * p.WPG;
           for (int c = 0; c < COLS; ++c) {
-            if (A8) {
-              long long t = (long long)dot[c] - (long long)zero[c] * xs + (long long)a * (usum[c] - (long long)zero[c] * xc);
-              acc[c] += scale[c] * (float)t;
-              dot[c] = 0; usum[c] = 0;
-            } else {
-              acc[c] += scale[c] * (gsum[c] - (float)zero[c] * xsf);
-              gsum[c] = 0.f;
+            for (int r = 0; r < ROWS; ++r) {
+              if (A8) {
+                long long t = (long long)dot[r][c] - (long long)zero[c] * xs[r] +
+                              (long long)a[r] * (usum[c] - (long long)zero[c] * xc);
+                acc[r][c] += scale[c] * (float)t;
+                dot[r][c] = 0;
+              } else {
+                acc[r][c] += scale[c] * (gsum[r][c] - (float)zero[c] * xsf[r]);
+                gsum[r][c] = 0.f;
+              }
             }
+            usum[c] = 0;
             scale[c] = __half2float(p.sw[(size_t)g * p.N + n0 + c]);
             zero[c] = p.zw[(size_t)g * p.N + n0 + c];
           }
-          xs = 0; xc = 0; xsf = 0.f;
+          xc = 0;
+          for (int r = 0; r < ROWS; ++r) { xs[r] = 0; xsf[r] = 0.f; }
         }
-        const uint32_t* xw = s.xt + (size_t)(wu - w0) * SLOTS;
+        const int wl = wu - w0;
         if (A8) {
-          xs += s.xsum[wu - w0];
-          xc += s.xcnt[wu - w0];
+          xc += s.xcnt[wl];
+          for (int r = 0; r < ROWS; ++r) xs[r] += s.xsum[r * xs_row + wl];
 #pragma unroll
           for (int j = 0; j < SLOTS; ++j) {
-            const uint32_t xq = xw[j];
+            uint32_t xq[ROWS];
+#pragma unroll
+            for (int r = 0; r < ROWS; ++r) xq[r] = s.xt[r * xt_row + (size_t)wl * SLOTS + j];
 #pragma unroll
             for (int c = 0; c < COLS; ++c) {
               const uint32_t v = (words[u][c] >> (j * BITS)) & MASK;
-              dot[c] = dp4a_us(v, xq, dot[c]);
-              if (a != 0) usum[c] = dp4a_us(v, 0x01010101u, usum[c]);  // uniform branch
+#pragma unroll
+              for (int r = 0; r < ROWS; ++r) dot[r][c] = dp4a_us(v, xq[r], dot[r][c]);
             }
           }
+          if (offset) {  // one uniform branch a word (inside the loop above nvcc kept one a dp4a)
+#pragma unroll
+            for (int j = 0; j < SLOTS; ++j)
+#pragma unroll
+              for (int c = 0; c < COLS; ++c)
+                usum[c] = dp4a_us((words[u][c] >> (j * BITS)) & MASK, 0x01010101u, usum[c]);
+          }
         } else {
-          xsf += bits_float((uint32_t)s.xsum[wu - w0]);
+          for (int r = 0; r < ROWS; ++r) xsf[r] += bits_float((uint32_t)s.xsum[r * xs_row + wl]);
           uint32_t high[COLS];
 #pragma unroll
           for (int c = 0; c < COLS; ++c) high[c] = words[u][c] >> high_shift<BITS>();
 #pragma unroll
           for (int j = 0; j < SLOTS; ++j) {
-            const float xj = bits_float(xw[j]);
+            float xj[ROWS];
+#pragma unroll
+            for (int r = 0; r < ROWS; ++r) xj[r] = bits_float(s.xt[r * xt_row + (size_t)wl * SLOTS + j]);
 #pragma unroll
             for (int c = 0; c < COLS; ++c) {
               const uint32_t src = j * BITS + BITS <= 23 ? words[u][c] : high[c];
               const float code = bits_float((src & (FIELD << field_shift<BITS>(j))) | magic) - 8388608.0f;
-              gsum[c] = fmaf(code, xj, gsum[c]);
+#pragma unroll
+              for (int r = 0; r < ROWS; ++r) gsum[r][c] = fmaf(code, xj[r], gsum[r][c]);
             }
           }
         }
       }
     }
-    for (int c = 0; c < COLS; ++c) {  // the last group
-      if (A8) {
-        long long t = (long long)dot[c] - (long long)zero[c] * xs + (long long)a * (usum[c] - (long long)zero[c] * xc);
-        acc[c] += scale[c] * (float)t;
-      } else {
-        acc[c] += scale[c] * (gsum[c] - (float)zero[c] * xsf);
+    for (int r = 0; r < ROWS; ++r) {  // the last group
+      const float sx = (A8 || p.x_int) && row0 + r < p.M ? p.sx[row0 + r] : 1.f;
+      for (int c = 0; c < COLS; ++c) {
+        if (A8) {
+          long long t = (long long)dot[r][c] - (long long)zero[c] * xs[r] +
+                        (long long)a[r] * (usum[c] - (long long)zero[c] * xc);
+          acc[r][c] += scale[c] * (float)t;
+        } else {
+          acc[r][c] += scale[c] * (gsum[r][c] - (float)zero[c] * xsf[r]);
+        }
+        acc[r][c] *= sx;
       }
-      if (A8 || p.x_int) acc[c] *= p.sx[row];
     }
   }
-  for (int c = 0; c < COLS; ++c) s.red[warp * TILE_N + lane * COLS + c] = acc[c];
+  for (int r = 0; r < ROWS; ++r)
+    for (int c = 0; c < COLS; ++c) s.red[((size_t)warp * ROWS + r) * TILE_N + lane * COLS + c] = acc[r][c];
 }
 
-// ---- phase 3: the block's sum of one column (thread tid = column in tile); to y, or into the workspace
-HD float block_column(const Shared& s, int tid) {
+// ---- phase 3: the block's sums of one column (thread tid = column in tile) for its rows; to y, or into the
+// workspace
+template <int ROWS>
+HD float block_column(const Shared& s, int r, int tid) {
   float t = 0.f;
-  for (int wp = 0; wp < WARPS; ++wp) t += s.red[wp * TILE_N + tid];
+  for (int wp = 0; wp < WARPS; ++wp) t += s.red[((size_t)wp * ROWS + r) * TILE_N + tid];
   return t;
 }
 
@@ -320,42 +357,48 @@ HD void write_y(const Args& p, int row, int n, float v) {
   store_float(p.y, (size_t)row * p.stride_y + n, v, p.bf16);
 }
 
-HD void publish(const Args& p, const Shared& s, int row, int tile, int tid) {
+template <int ROWS>
+HD void publish(const Args& p, const Shared& s, int row0, int tile, int tid) {
   const int n = tile * TILE_N + tid;
-  const float v = block_column(s, tid);
   if (n >= p.N) return;
-  if (p.splits == 1) {
-    write_y(p, row, n, v);
-  } else {
-    atomic_add_f(p.ws + (size_t)row * p.N + n, v);
-    fence();  // this thread's partial is visible before the block's arrival is counted
+  for (int r = 0; r < ROWS && row0 + r < p.M; ++r) {
+    const float v = block_column<ROWS>(s, r, tid);
+    if (p.splits == 1) write_y(p, row0 + r, n, v);
+    else atomic_add_f(p.ws + (size_t)(row0 + r) * p.N + n, v);
   }
+  if (p.splits > 1) fence();  // this thread's partials are visible before the block's arrival is counted
 }
 
-HD void arrive(const Args& p, const Shared& s, int row, int tile) {  // one thread per block
-  int ticket = atomic_inc_i(p.cnt + (size_t)row * p.tiles + tile);
+HD void arrive(const Args& p, const Shared& s, int rblock, int tile) {  // one thread per block
+  int ticket = atomic_inc_i(p.cnt + (size_t)rblock * p.tiles + tile);
   *s.last = ticket == p.splits - 1;
 }
 
-HD void finish(const Args& p, const Shared& s, int row, int tile, int tid) {
+template <int ROWS>
+HD void finish(const Args& p, const Shared& s, int rblock, int tile, int tid) {
   if (!*s.last) return;
   const int n = tile * TILE_N + tid;
-  if (n < p.N) write_y(p, row, n, atomic_take_f(p.ws + (size_t)row * p.N + n));
-  if (tid == 0) p.cnt[(size_t)row * p.tiles + tile] = 0;
+  const int row0 = rblock * ROWS;
+  if (n < p.N)
+    for (int r = 0; r < ROWS && row0 + r < p.M; ++r)
+      write_y(p, row0 + r, n, atomic_take_f(p.ws + (size_t)(row0 + r) * p.N + n));
+  if (tid == 0) p.cnt[(size_t)rblock * p.tiles + tile] = 0;
 }
 
-HD size_t shared_bytes(int words, int slots, bool a8) {
-  return (size_t)words * slots * 4 + (size_t)words * (a8 ? 8 : 4) + (size_t)WARPS * TILE_N * 4 + 16;
+HD size_t shared_bytes(int words, int slots, bool a8, int rows) {
+  return (size_t)rows * words * (slots + 1) * 4 + (a8 ? (size_t)words * 4 : 0) + (size_t)WARPS * rows * TILE_N * 4 + 16;
 }
 
-HD Shared carve(unsigned char* base, int words, int slots, bool a8) {
+HD Shared carve(unsigned char* base, int words, int slots, bool a8, int rows) {
   Shared s;
   s.red = reinterpret_cast<float*>(base);
-  s.last = reinterpret_cast<int32_t*>(base + (size_t)WARPS * TILE_N * 4);
-  unsigned char* rest = base + (size_t)WARPS * TILE_N * 4 + 16;
+  const size_t red = (size_t)WARPS * rows * TILE_N * 4;
+  s.last = reinterpret_cast<int32_t*>(base + red);
+  unsigned char* rest = base + red + 16;
   s.xt = reinterpret_cast<uint32_t*>(rest);
-  s.xsum = reinterpret_cast<int32_t*>(rest + (size_t)words * slots * 4);
-  s.xcnt = s.xsum + (a8 ? words : 0);
+  s.xsum = reinterpret_cast<int32_t*>(rest + (size_t)rows * words * slots * 4);
+  s.xcnt = s.xsum + (size_t)rows * words;
+  (void)a8;
   return s;
 }
 
@@ -376,83 +419,91 @@ __device__ __forceinline__ void prefetch_words(const Args& p, int tile, int w0, 
     asm volatile("prefetch.global.L2 [%0];" ::"l"(p.qw + (size_t)w * p.N + n0));
 }
 
-template <int BITS, bool A8>
+// Block (tile, split, rblock): 128 columns, one run of word rows, activation rows rblock * ROWS ...
+template <int BITS, bool A8, int ROWS>
 __global__ void __launch_bounds__(THREADS) gemv_kernel(Args p) {
   extern __shared__ __align__(16) unsigned char smem[];
-  const int tile = blockIdx.x, split = blockIdx.y, row = blockIdx.z, tid = threadIdx.x;
+  const int tile = blockIdx.x, split = blockIdx.y, rblock = blockIdx.z, tid = threadIdx.x;
+  const int row0 = rblock * ROWS;
   int w0, nwords;
   block_range(p, split, w0, nwords);
-  const Shared s = carve(smem, p.words_per_split, Traits<BITS, A8>::SLOTS, A8);
+  const Shared s = carve(smem, p.words_per_split, Traits<BITS, A8>::SLOTS, A8, ROWS);
   prefetch_words(p, tile, w0, nwords, tid);  // the first weight rows travel to L2 while x is staged
-  stage_x<BITS, A8>(p, s, row, w0, nwords, tid);
+  stage_x<BITS, A8, ROWS>(p, s, row0, w0, nwords, tid);
   __syncthreads();
-  accumulate<BITS, A8>(p, s, row, tile, w0, nwords, tid);
+  accumulate<BITS, A8, ROWS>(p, s, row0, tile, w0, nwords, tid);
   __syncthreads();
-  publish(p, s, row, tile, tid);
+  publish<ROWS>(p, s, row0, tile, tid);
   if (p.splits == 1) return;
   __syncthreads();
-  if (tid == 0) arrive(p, s, row, tile);
+  if (tid == 0) arrive(p, s, rblock, tile);
   __syncthreads();
-  finish(p, s, row, tile, tid);
+  finish<ROWS>(p, s, rblock, tile, tid);
 }
 
-template <int BITS, bool A8>
-void emulate(const Args& p, int M) {
-  std::vector<unsigned char> smem(shared_bytes(p.words_per_split, Traits<BITS, A8>::SLOTS, A8) + 16);
-  for (int row = 0; row < M; ++row)
+template <int BITS, bool A8, int ROWS>
+void emulate(const Args& p) {
+  std::vector<unsigned char> smem(shared_bytes(p.words_per_split, Traits<BITS, A8>::SLOTS, A8, ROWS) + 16);
+  for (int rblock = 0; rblock * ROWS < p.M; ++rblock)
     for (int split = 0; split < p.splits; ++split)
       for (int tile = 0; tile < p.tiles; ++tile) {
         int w0, nwords;
         block_range(p, split, w0, nwords);
-        const Shared s = carve(smem.data(), p.words_per_split, Traits<BITS, A8>::SLOTS, A8);
-        for (int t = 0; t < THREADS; ++t) stage_x<BITS, A8>(p, s, row, w0, nwords, t);
-        for (int t = 0; t < THREADS; ++t) accumulate<BITS, A8>(p, s, row, tile, w0, nwords, t);
-        for (int t = 0; t < THREADS; ++t) publish(p, s, row, tile, t);
+        const Shared s = carve(smem.data(), p.words_per_split, Traits<BITS, A8>::SLOTS, A8, ROWS);
+        const int row0 = rblock * ROWS;
+        for (int t = 0; t < THREADS; ++t) stage_x<BITS, A8, ROWS>(p, s, row0, w0, nwords, t);
+        for (int t = 0; t < THREADS; ++t) accumulate<BITS, A8, ROWS>(p, s, row0, tile, w0, nwords, t);
+        for (int t = 0; t < THREADS; ++t) publish<ROWS>(p, s, row0, tile, t);
         if (p.splits == 1) continue;
-        arrive(p, s, row, tile);
-        for (int t = 0; t < THREADS; ++t) finish(p, s, row, tile, t);
+        arrive(p, s, rblock, tile);
+        for (int t = 0; t < THREADS; ++t) finish<ROWS>(p, s, rblock, tile, t);
       }
 }
 
-template <int BITS, bool A8>
-int launch(const Args& p, int M, cudaStream_t stream) {
-  const size_t bytes = shared_bytes(p.words_per_split, Traits<BITS, A8>::SLOTS, A8);
+template <int BITS, bool A8, int ROWS>
+int launch(const Args& p, cudaStream_t stream) {
+  const size_t bytes = shared_bytes(p.words_per_split, Traits<BITS, A8>::SLOTS, A8, ROWS);
   if (bytes > 48 * 1024) {
-    cudaError_t e = cudaFuncSetAttribute(gemv_kernel<BITS, A8>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+    cudaError_t e = cudaFuncSetAttribute(gemv_kernel<BITS, A8, ROWS>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          (int)bytes);
     if (e != cudaSuccess) return (int)e;
   }
-  dim3 grid(p.tiles, p.splits, M);
-  gemv_kernel<BITS, A8><<<grid, THREADS, bytes, stream>>>(p);
+  dim3 grid(p.tiles, p.splits, (p.M + ROWS - 1) / ROWS);
+  gemv_kernel<BITS, A8, ROWS><<<grid, THREADS, bytes, stream>>>(p);
   return (int)cudaGetLastError();
 }
 
 template <int BITS, bool A8>
-int run(const Args& p, int M, cudaStream_t stream, bool on_cpu) {
-  if (on_cpu) { emulate<BITS, A8>(p, M); return 0; }
-  return launch<BITS, A8>(p, M, stream);
+int run(const Args& p, int rows, cudaStream_t stream, bool on_cpu) {
+  switch (rows) {
+    case 1: if (on_cpu) { emulate<BITS, A8, 1>(p); return 0; } return launch<BITS, A8, 1>(p, stream);
+    case 2: if (on_cpu) { emulate<BITS, A8, 2>(p); return 0; } return launch<BITS, A8, 2>(p, stream);
+    case 4: if (on_cpu) { emulate<BITS, A8, 4>(p); return 0; } return launch<BITS, A8, 4>(p, stream);
+    default: return -1;
+  }
 }
 
-// dp4a: the integer path (bits 1, 2, 4, 8); otherwise the float path (every width).
-int dispatch(const Args& p, int M, int bits, bool dp4a, cudaStream_t stream, bool on_cpu) {
+// dp4a: the integer path (bits 1, 2, 4, 8); otherwise the float path (every width). rows: 1, 2 or 4 activation
+// rows a block (each block reads its weights once for all of them).
+int dispatch(const Args& p, int bits, bool dp4a, int rows, cudaStream_t stream, bool on_cpu) {
   if (dp4a) {
     switch (bits) {
-      case 1: return run<1, true>(p, M, stream, on_cpu);
-      case 2: return run<2, true>(p, M, stream, on_cpu);
-      case 4: return run<4, true>(p, M, stream, on_cpu);
-      case 8: return run<8, true>(p, M, stream, on_cpu);
+      case 1: return run<1, true>(p, rows, stream, on_cpu);
+      case 2: return run<2, true>(p, rows, stream, on_cpu);
+      case 4: return run<4, true>(p, rows, stream, on_cpu);
+      case 8: return run<8, true>(p, rows, stream, on_cpu);
       default: return -1;
     }
   }
   switch (bits) {
-    case 1: return run<1, false>(p, M, stream, on_cpu);
-    case 2: return run<2, false>(p, M, stream, on_cpu);
-    case 3: return run<3, false>(p, M, stream, on_cpu);
-    case 4: return run<4, false>(p, M, stream, on_cpu);
-    case 5: return run<5, false>(p, M, stream, on_cpu);
-    case 6: return run<6, false>(p, M, stream, on_cpu);
-    case 7: return run<7, false>(p, M, stream, on_cpu);
-    case 8: return run<8, false>(p, M, stream, on_cpu);
+    case 1: return run<1, false>(p, rows, stream, on_cpu);
+    case 2: return run<2, false>(p, rows, stream, on_cpu);
+    case 3: return run<3, false>(p, rows, stream, on_cpu);
+    case 4: return run<4, false>(p, rows, stream, on_cpu);
+    case 5: return run<5, false>(p, rows, stream, on_cpu);
+    case 6: return run<6, false>(p, rows, stream, on_cpu);
+    case 7: return run<7, false>(p, rows, stream, on_cpu);
+    case 8: return run<8, false>(p, rows, stream, on_cpu);
     default: return -1;
   }
 }
@@ -462,15 +513,16 @@ int dispatch(const Args& p, int M, int bits, bool dp4a, cudaStream_t stream, boo
 using kpgemv::Args;
 
 // mode: 0 the float path on float x, 1 the dp4a path (integer activations, bits 1/2/4/8), 2 the float path on
-// integer activations. bf16: x (float path), bias and y are bf16, else fp16.
+// integer activations. bf16: x (float path), bias and y are bf16, else fp16. rows: 1, 2 or 4 activation rows a
+// block.
 static Args make_args(const void* qw, const void* sw, const void* zw, const void* x, const float* sx,
-                      const int32_t* ax, const void* bias, void* y, float* ws, int32_t* cnt, int N, int K, int SEG,
-                      int WPG, int NW, int stride_x, int stride_y, int mode, int bf16, int words_per_split,
+                      const int32_t* ax, const void* bias, void* y, float* ws, int32_t* cnt, int M, int N, int K,
+                      int SEG, int WPG, int NW, int stride_x, int stride_y, int mode, int bf16, int words_per_split,
                       int splits, uint32_t magic) {
   Args p;
   p.qw = static_cast<const int32_t*>(qw); p.sw = static_cast<const __half*>(sw); p.zw = static_cast<const uint8_t*>(zw);
   p.x = x; p.sx = sx; p.ax = ax; p.bias = bias; p.y = y;
-  p.ws = ws; p.cnt = cnt; p.N = N; p.K = K; p.SEG = SEG; p.WPG = WPG; p.NW = NW; p.stride_x = stride_x;
+  p.ws = ws; p.cnt = cnt; p.M = M; p.N = N; p.K = K; p.SEG = SEG; p.WPG = WPG; p.NW = NW; p.stride_x = stride_x;
   p.stride_y = stride_y; p.words_per_split = words_per_split; p.splits = splits;
   p.tiles = (N + kpgemv::TILE_N - 1) / kpgemv::TILE_N;
   p.magic = magic;
@@ -482,29 +534,29 @@ static Args make_args(const void* qw, const void* sw, const void* zw, const void
 extern "C" {
 
 // Bytes of dynamic shared memory a block needs (the launcher keeps it under the device's limit).
-size_t abq_gemv_shared_bytes(int words_per_split, int bits, int dp4a) {
+size_t abq_gemv_shared_bytes(int words_per_split, int bits, int dp4a, int rows) {
   int slots = dp4a ? 8 / bits : 32 / bits;
-  return kpgemv::shared_bytes(words_per_split, slots, dp4a != 0);
+  return kpgemv::shared_bytes(words_per_split, slots, dp4a != 0, rows);
 }
 
-// Returns a cudaError_t (0: launched), or -1 for an unsupported width. `magic` must be 0x4B000000 (see Args).
+// Returns a cudaError_t (0: launched), or -1 for an unsupported width or row count. `magic` must be 0x4B000000.
 int abq_gemv(const void* qw, const void* sw, const void* zw, const void* x, const float* sx, const int32_t* ax,
              const void* bias, void* y, float* ws, int32_t* cnt, int M, int N, int K, int SEG, int WPG, int NW,
-             int stride_x, int stride_y, int bits, int mode, int bf16, int words_per_split, int splits,
+             int stride_x, int stride_y, int bits, int mode, int bf16, int rows, int words_per_split, int splits,
              uint32_t magic, void* stream) {
-  Args p = make_args(qw, sw, zw, x, sx, ax, bias, y, ws, cnt, N, K, SEG, WPG, NW, stride_x, stride_y, mode, bf16,
+  Args p = make_args(qw, sw, zw, x, sx, ax, bias, y, ws, cnt, M, N, K, SEG, WPG, NW, stride_x, stride_y, mode, bf16,
                      words_per_split, splits, magic);
-  return kpgemv::dispatch(p, M, bits, mode == 1, static_cast<cudaStream_t>(stream), false);
+  return kpgemv::dispatch(p, bits, mode == 1, rows, static_cast<cudaStream_t>(stream), false);
 }
 
 // The same kernel run on the CPU over host pointers (phases in order, blocks one after another).
 int abq_gemv_emulate(const void* qw, const void* sw, const void* zw, const void* x, const float* sx,
                      const int32_t* ax, const void* bias, void* y, float* ws, int32_t* cnt, int M, int N, int K,
-                     int SEG, int WPG, int NW, int stride_x, int stride_y, int bits, int mode, int bf16,
+                     int SEG, int WPG, int NW, int stride_x, int stride_y, int bits, int mode, int bf16, int rows,
                      int words_per_split, int splits, uint32_t magic) {
-  Args p = make_args(qw, sw, zw, x, sx, ax, bias, y, ws, cnt, N, K, SEG, WPG, NW, stride_x, stride_y, mode, bf16,
+  Args p = make_args(qw, sw, zw, x, sx, ax, bias, y, ws, cnt, M, N, K, SEG, WPG, NW, stride_x, stride_y, mode, bf16,
                      words_per_split, splits, magic);
-  return kpgemv::dispatch(p, M, bits, mode == 1, nullptr, true);
+  return kpgemv::dispatch(p, bits, mode == 1, rows, nullptr, true);
 }
 
 const char* abq_gemv_error_string(int code) { return cudaGetErrorString(static_cast<cudaError_t>(code)); }

@@ -133,7 +133,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--budget-s", type=float, default=420)
-    ap.add_argument("--lean", action="store_true", help="fewer correctness cases and no small-M section")
+    ap.add_argument("--lean", action="store_true", help="fewer correctness cases (fp16 only, g128 only)")
     ap.add_argument("--cpu", action="store_true", help="dry run on tiny shapes in Triton's interpreter")
     ap.add_argument("--sections", default=",".join(SECTIONS),
                     help=f"comma-separated subset of {','.join(SECTIONS)}, run in the order given (the budget cuts "
@@ -174,8 +174,8 @@ def main():
     if not args.lean and want("correctness"):
         items += [(s, 200, k, None, gs, 1) for s in schemes for gs, k in ((0, 576), (64, 1000))]
     items += [(s, 8192, 8192, KL.KpConfig(**c), 128, 1) for s in SWEEP_SCHEMES for c in SWEEP] if want("sweep") else []
-    if want("small_m") and not args.lean:
-        items += [(s, 4096, 4096, None, 128, m) for s in ("W4A16", "W2A8") for m in (2, 4, 8)]
+    if want("small_m"):
+        items += [(s, 8192, 8192, None, 128, m) for s in ("W4A16", "W2A8", "W8A8") for m in (2, 4, 8)]
     gemm_items = [(s, n, k, m) for s in ("W4A16", "W8A8", "W4A8", "W2A16", "W3A16", "W2A8", "W8A8/pc", "W4A8/pc")
                   for m, (n, k) in ((2048, (8192, 8192)), (16, (8192, 8192)), (128, (4096, 4096)))]
     items += [("gemm",) + it for it in gemm_items] if want("large_m") else []
@@ -329,24 +329,28 @@ def main():
         save()
 
     def section_small_m():
-        # ---- small M: where the GEMV stops paying (each row streams the weights again) vs qlinear_kernel's dot path
-        # and kp_gemm (16-row tensor-core tiles with split-K)
+        # ---- small M at N = K = 8192: where the GEMVs stop paying against kp_gemm (16-row tensor-core tiles with
+        # split-K), qlinear_kernel's dot path and cuBLAS fp16. kp_gemv streams the weights once a row; cuda_gemv
+        # once a block of up to 4 rows.
         res["small_m"] = []
-        n = k = S(4096)
-        for scheme in () if args.lean or not want("small_m") else ("W4A16", "W2A8"):
+        n = k = S(8192)
+        for scheme in ("W4A16", "W2A8", "W8A8") if want("small_m") else ():
             qs = parse_scheme(scheme + "g128")
             c = GS.copies_needed(n * k * qs.weight.storage_bits // 8, not CPU)
             Ls = [layer(scheme, n, k, dev, seed=i) for i in range(c)]
+            wf = [torch.randn(n, k, device=dev, dtype=torch.float16) for _ in range(min(c, 2))]
             for m in (1, 2, 4, 8):
                 if left() < 90:
                     break
                 xs = [torch.randn(m, k, device=dev, dtype=torch.float16) for _ in range(c)]
                 r = dict(scheme=scheme, m=m)
+                r["fp16_us"] = timed([lambda w=w, x=x: F.linear(x, w) for w, x in zip(wf, xs)])
                 r["kp_us"] = timed([lambda L=L, x=x: kp_call(L, x) for L, x in zip(Ls, xs)])
+                r["cuda_gemv_us"] = timed([lambda L=L, x=x: cuda_call(L, x) for L, x in zip(Ls, xs)])
                 r["qlinear_us"] = timed([lambda L=L, x=x: TL.qlinear(x, **TL.layer_args(L)) for L, x in zip(Ls, xs)])
                 r["kp_gemm_us"] = timed([lambda L=L, x=x: KL.kp_gemm(x, **KL.layer_kp_args(L)) for L, x in zip(Ls, xs)])
                 res["small_m"].append(r)
-            del Ls
+            del Ls, wf
         log(f"small M: {res['small_m']}")
         save()
 

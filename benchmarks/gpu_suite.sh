@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole GPU check of the kernels in one call, finished within DEADLINE seconds (default 470) on one H100:
 #   1. environment (nvidia-smi, versions); peer-kernel wheels from .whl/ if carried
-#   2. the GPU tests (pytest -m gpu tests/kernels/{test_gpu,test_kpacked,test_dense_prefill}.py) in the background,
+#   2. the GPU tests (pytest -m gpu tests/kernels/{test_gpu,test_kpacked,test_dense_prefill,test_cuda_gemv}.py) in the background,
 #      while the suite compiles
 #   3. benchmarks/gpu_suite.py, one process per step so that a CUDA fault in one step cannot lose the others
 #      (each merges its sections into the same results.json):
@@ -51,7 +51,7 @@ grep -E "H100|H200|torch|release" "$OUT/env.txt" | head -5
 XDIST=""
 "$PY" -c "import xdist" 2>/dev/null && XDIST="-n 4"
 timeout -k 10 "${PYTEST_BUDGET:-170}" "$PY" -m pytest -v -p no:cacheprovider -m gpu $XDIST tests/kernels/test_gpu.py \
-  tests/kernels/test_kpacked.py tests/kernels/test_dense_prefill.py \
+  tests/kernels/test_kpacked.py tests/kernels/test_dense_prefill.py tests/kernels/test_cuda_gemv.py \
   > "$OUT/pytest_gpu.txt" 2>&1 &
 PYTEST_PID=$!
 

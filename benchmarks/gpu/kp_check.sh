@@ -13,5 +13,5 @@ nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,power.draw,temperature.gpu --fo
 # KP_BUDGET: seconds for kp_check.py; KP_ARGS: e.g. --lean; KP_PYTEST=0 skips the pytest step (about a minute).
 timeout -k 5 "${KP_BUDGET:-430}" python3 benchmarks/gpu/kp_check.py --out "$OUT" --budget-s "$(( ${KP_BUDGET:-430} - 10 ))" ${KP_ARGS:-} 2>&1 | tee "$OUT/kp.log"
 [ "${KP_PYTEST:-1}" = 0 ] && exit 0
-timeout -k 5 90 python3 -m pytest -q -p no:cacheprovider -m gpu -n 12 tests/kernels/test_kpacked.py > "$OUT/pytest.txt" 2>&1
+timeout -k 5 90 python3 -m pytest -q -p no:cacheprovider -m gpu -n 12 tests/kernels/test_kpacked.py tests/kernels/test_dense_prefill.py tests/kernels/test_cuda_gemv.py > "$OUT/pytest.txt" 2>&1
 echo "pytest exit $?: $(tail -1 "$OUT/pytest.txt")"; grep -E "^FAILED" "$OUT/pytest.txt" | head

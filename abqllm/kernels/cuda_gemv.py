@@ -36,7 +36,8 @@ BLOCKS_PER_SM = 4  # 16 resident warps per SM: one wave (untimed)
 GEMV_MAX_M = 4  # rows up to which 'cuda-gemv' takes the GEMV (blocks of 4 rows read the weights once; untimed)
 SHARED_LIMIT = 48 * 1024  # dynamic shared memory without opting in
 _LOCK = threading.Lock()
-_ARGS = [ctypes.c_void_p] * 10 + [ctypes.c_int] * 14 + [ctypes.c_uint32]
+_ARGS = ([ctypes.c_void_p] * 10 + [ctypes.c_int] * 14 + [ctypes.c_uint32] + [ctypes.c_int] * 4 + [ctypes.c_float]
+         + [ctypes.c_void_p] * 2)
 MAGIC = 0x4B000000  # 2^23: abq_gemv.cu's code-to-float constant, passed at run time (see Args there)
 
 
@@ -100,10 +101,15 @@ def cuda_gemv(x: torch.Tensor, qweight_t: torch.Tensor, scales_t: torch.Tensor, 
               bias: torch.Tensor | None, act_scale: torch.Tensor | None, act_zero: torch.Tensor | None,
               in_features: int, bits: int, group_size: int, act_bits: int, act_symmetric: bool,
               out: torch.Tensor | None = None, words_per_split: int | None = None,
-              blocks_per_sm: int = BLOCKS_PER_SM, emulate: bool = False) -> torch.Tensor:
+              blocks_per_sm: int = BLOCKS_PER_SM, fuse_act_quant: bool = True,
+              emulate: bool = False) -> torch.Tensor:
     """y [..., N] = Q_a(x) @ W^T + bias for x fp16/bf16 [..., K], y in x's dtype. emulate=True runs the kernel's
-    code on the CPU (CPU tensors); `words_per_split` overrides the split-K plan, `blocks_per_sm` steers it."""
+    code on the CPU (CPU tensors); `words_per_split` overrides the split-K plan, `blocks_per_sm` steers it.
+    fuse_act_quant (integer activations): the kernel quantizes x itself, as act_quant would, instead of a separate
+    act_quant launch before it."""
     from abqllm.kernels.kpacked_linear import _num_sms, _prologue, workspace
+    from abqllm.kernels.triton_linear import act_center_exact
+    from abqllm.quant.primitives import MIN_ACT_SCALE
     if bits not in BITS:
         raise ValueError(f"cuda_gemv supports storage bits {BITS}, got {bits}")
     if x.dtype not in (torch.float16, torch.bfloat16):
@@ -113,8 +119,10 @@ def cuda_gemv(x: torch.Tensor, qweight_t: torch.Tensor, scales_t: torch.Tensor, 
         raise ValueError("cuda_gemv needs N % 4 == 0 and a contiguous, 16-byte aligned qweight_t")
     if emulate != (x.device.type == "cpu"):
         raise ValueError("cuda_gemv runs CUDA tensors on the GPU, or CPU tensors with emulate=True")
-    out_shape, m, y, a_in, sx, ax = _prologue(x, qweight_t, scales_t, in_features, bits, group_size, act_bits,
-                                              act_symmetric, act_scale, act_zero, out, "cuda_gemv")
+    quant = fuse_act_quant and act_bits != 16
+    out_shape, m, y, a_in, sx, ax = _prologue(x, qweight_t, scales_t, in_features, bits, group_size,
+                                              16 if quant else act_bits, act_symmetric, act_scale, act_zero, out,
+                                              "cuda_gemv")
     if m == 0:
         return y.reshape(out_shape)
     k, nw = in_features, qweight_t.shape[0]
@@ -129,14 +137,20 @@ def cuda_gemv(x: torch.Tensor, qweight_t: torch.Tensor, scales_t: torch.Tensor, 
     else:
         ws, cnt = workspace(x.device, m * n, m * tiles)
     bias_y = bias.to(x.dtype).contiguous() if bias is not None else None
+    static = None
+    if quant and act_scale is not None:  # a static per-tensor range: float32 [1] scale and zero
+        static = (act_scale.float().reshape(1).contiguous(), act_zero.float().reshape(1).contiguous())
     seg = KP.segment_length(k, group_size)
     wpg = KP.words_per_segment(k, group_size, bits)
     lib = library(None if emulate else x.device)
     args = [qweight_t.data_ptr(), scales_t.contiguous().data_ptr(), zeros_t.contiguous().data_ptr(),
-            a_in.data_ptr(), sx.data_ptr() if path else None, ax.data_ptr() if path else None,
+            a_in.data_ptr(), sx.data_ptr() if path and not quant else None,
+            ax.data_ptr() if path and not quant else None,
             bias_y.data_ptr() if bias_y is not None else None, y.data_ptr(), ws.data_ptr(), cnt.data_ptr(),
             m, n, k, seg, wpg, nw, a_in.stride(0), y.stride(0), bits, path, int(x.dtype == torch.bfloat16), rows,
-            per, splits, MAGIC]
+            per, splits, MAGIC, int(quant), act_bits if quant else 8, int(act_symmetric),
+            int(act_center_exact(act_bits, act_symmetric)) if quant else 1, MIN_ACT_SCALE,
+            static[0].data_ptr() if static else None, static[1].data_ptr() if static else None]
     if emulate:
         code = lib.abq_gemv_emulate(*args)
     else:

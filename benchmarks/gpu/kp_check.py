@@ -102,8 +102,8 @@ def kp_call(L, x, cfg=None):
     return KL.kp_gemv(x, **KL.layer_kp_args(L), config=cfg)
 
 
-def cuda_call(L, x, blocks_per_sm=CG.BLOCKS_PER_SM):
-    return CG.cuda_gemv(x, **KL.layer_kp_args(L), blocks_per_sm=blocks_per_sm, emulate=CPU)
+def cuda_call(L, x, blocks_per_sm=CG.BLOCKS_PER_SM, fuse=True):
+    return CG.cuda_gemv(x, **KL.layer_kp_args(L), blocks_per_sm=blocks_per_sm, fuse_act_quant=fuse, emulate=CPU)
 
 
 def _warm(items):
@@ -278,6 +278,8 @@ def main():
                 kinds = [("kp_gemv", lambda L, x: kp_call(L, x))]
                 if qs.weight.storage_bits in CUDA_BITS and qs.act.bits in (16, 8):
                     kinds.append(("cuda_gemv", lambda L, x: cuda_call(L, x)))
+                if si == 0 and qs.act.bits == 8:  # what quantizing x inside the GEMV saves: act_quant's launch
+                    kinds.append(("cuda_gemv + act_quant", lambda L, x: cuda_call(L, x, fuse=False)))
                 if si == 0 and scheme in ("W4A16", "W2A16", "W8A8", "W2A8"):
                     kinds.append(("old qlinear_kernel", lambda L, x: TL.qlinear(x, **TL.layer_args(L))))
                 for name, f in kinds:

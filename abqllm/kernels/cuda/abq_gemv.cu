@@ -62,14 +62,24 @@ struct Args {
   uint32_t magic;
   int x_int;            // the float path reads int8 xq + a (and multiplies by sx at the end)
   int bf16;             // x (float path), bias and y are bf16, else fp16
+  // quant: the block quantizes float x itself (per token, or with the static act_scale/act_zero), as act_quant
+  // does (abqllm/kernels/triton_kernels.py act_quant_kernel: same operations, same roundings), instead of
+  // reading act_quant's int8 xq, sx and ax: one launch less per linear.
+  int quant, qmax, half, symmetric, center_exact;
+  float min_scale;
+  const float* act_scale;  // static: [1] scale and zero, else null
+  const float* act_zero;
 };
 
 struct Shared {        // views into the block's dynamic shared memory (ROWS activation rows)
   uint32_t* xt;        // staged x [ROWS][words][SLOTS]: float path x_j * 2^-sh; dp4a byte quads
   int32_t* xsum;       // [ROWS][words]: dp4a the sum of the word's real xq; float path their float sum (bits)
   int32_t* xcnt;       // [words]: real codes in the word (dp4a)
-  float* red;          // [WARPS][ROWS][TILE_N] per-warp partial sums
+  float* red;          // [WARPS][ROWS][TILE_N] per-warp partial sums (first, the quantizer's min/max tree)
   int32_t* last;       // this block finishes its tile
+  float* qs;           // [ROWS] quant: the row's scale, zero point and centre (u - c is the int8 code)
+  float* qz;
+  float* qc;
 };
 
 template <int BITS, bool A8>
@@ -153,9 +163,35 @@ HD void store_float(void* base, size_t i, float v, bool bf16) {
   else static_cast<__half*>(base)[i] = __float2half_rn(v);
 }
 
-// The float path's activation k of `row`: x itself, or xq + a for integer activations.
-HD float act_value(const Args& p, int row, int k) {
+// The integer activation k of `row` as the kernels take it (u - c, in int8), its offset a (u - z = code + a) and
+// the token scale: from act_quant's outputs, or quantized here (quant) with the block's scale and zero.
+HD float round_even(float v) {
+#ifdef __CUDA_ARCH__
+  return rintf(v);
+#else
+  return nearbyintf(v);  // the default rounding mode: to nearest, ties to even
+#endif
+}
+
+HD int act_code(const Args& p, const Shared& s, int r, int row, int k) {
   const size_t i = (size_t)row * p.stride_x + k;
+  if (!p.quant) return static_cast<const int8_t*>(p.x)[i];
+  const float u = fminf(fmaxf(round_even(load_float(p.x, i, p.bf16) / s.qs[r]) + s.qz[r], 0.f), (float)p.qmax);
+  return (int)(u - s.qc[r]);
+}
+
+HD int act_offset(const Args& p, const Shared& s, int r, int row) {
+  return p.quant ? (int)(s.qc[r] - s.qz[r]) : p.ax[row];
+}
+
+HD float act_scale(const Args& p, const Shared& s, int r, int row) {
+  return p.quant ? s.qs[r] : p.sx[row];
+}
+
+// The float path's activation k of `row`: x itself, or the integer activation + a (exact).
+HD float act_value(const Args& p, const Shared& s, int r, int row, int k) {
+  const size_t i = (size_t)row * p.stride_x + k;
+  if (p.quant) return (float)(act_code(p, s, r, row, k) + act_offset(p, s, r, row));
   if (p.x_int) return (float)(static_cast<const int8_t*>(p.x)[i] + p.ax[row]);
   return load_float(p.x, i, p.bf16);
 }
@@ -166,6 +202,54 @@ HD int code_column(const Args& p, int w, int code, int PER) {
   int in_seg = i * PER + code;
   int k = g * p.SEG + in_seg;
   return (in_seg < p.SEG && k < p.K) ? k : -1;
+}
+
+// ---- phase 0 (quant): the rows' min and max through a tree in s.red, then each row's scale, zero and centre.
+// Dynamic ranges start at 0 (act_qparams clamps lo <= 0 <= hi); static ones come from act_scale/act_zero.
+template <int ROWS>
+HD void minmax_partials(const Args& p, const Shared& s, int row0, int tid) {
+  for (int r = 0; r < ROWS; ++r) {
+    float lo = 0.f, hi = 0.f;
+    if (row0 + r < p.M && !p.act_scale)
+      for (int k = tid; k < p.K; k += THREADS) {
+        const float v = load_float(p.x, (size_t)(row0 + r) * p.stride_x + k, p.bf16);
+        lo = fminf(lo, v);
+        hi = fmaxf(hi, v);
+      }
+    s.red[r * 2 * THREADS + tid] = lo;
+    s.red[r * 2 * THREADS + THREADS + tid] = hi;
+  }
+}
+
+template <int ROWS>
+HD void minmax_step(const Shared& s, int stride, int tid) {  // one level of the tree (a barrier between levels)
+  if (tid >= stride) return;
+  for (int r = 0; r < ROWS; ++r) {
+    float* lo = s.red + r * 2 * THREADS;
+    float* hi = lo + THREADS;
+    lo[tid] = fminf(lo[tid], lo[tid + stride]);
+    hi[tid] = fmaxf(hi[tid], hi[tid + stride]);
+  }
+}
+
+template <int ROWS>
+HD void quant_params(const Args& p, const Shared& s, int tid) {  // thread r < ROWS sets row r's parameters
+  if (tid >= ROWS) return;
+  const float lo = s.red[tid * 2 * THREADS], hi = s.red[tid * 2 * THREADS + THREADS];
+  float scale, zero;
+  if (p.act_scale) {
+    scale = *p.act_scale;
+    zero = *p.act_zero;
+  } else if (p.symmetric) {
+    scale = fmaxf(fmaxf(hi, -lo) / (float)(p.half - 1), p.min_scale);
+    zero = (float)p.half;
+  } else {
+    scale = fmaxf((hi - lo) / (float)p.qmax, p.min_scale);
+    zero = round_even(-lo / scale);
+  }
+  s.qs[tid] = scale;
+  s.qz[tid] = zero;
+  s.qc[tid] = p.center_exact ? zero : (float)p.half;
 }
 
 // ---- phase 1: stage the block's x for its ROWS activation rows (thread tid of THREADS); rows past M are zeros
@@ -179,16 +263,15 @@ HD void stage_x(const Args& p, const Shared& s, int row0, int w0, int nwords, in
     for (int e = tid; e < nwords * SLOTS; e += THREADS) {
       int wl = e / SLOTS, j = e - wl * SLOTS, w = w0 + wl;
       if (A8) {
-        const int8_t* x = static_cast<const int8_t*>(p.x) + (size_t)row * p.stride_x;
         uint32_t quad = 0;
         for (int b = 0; b < 4 && live; ++b) {
           int k = code_column(p, w, b * SLOTS + j, PER);
-          quad |= (uint32_t)(uint8_t)(k >= 0 ? x[k] : 0) << (8 * b);
+          quad |= (uint32_t)(uint8_t)(int8_t)(k >= 0 ? act_code(p, s, r, row, k) : 0) << (8 * b);
         }
         xt[e] = quad;
       } else {
         int k = live ? code_column(p, w, j, PER) : -1;
-        float v = k >= 0 ? act_value(p, row, k) : 0.f;
+        float v = k >= 0 ? act_value(p, s, r, row, k) : 0.f;
         xt[e] = float_bits(v * (1.0f / (float)(1u << field_shift<BITS>(j))));
       }
     }
@@ -201,8 +284,8 @@ HD void stage_x(const Args& p, const Shared& s, int row0, int w0, int nwords, in
         if (k < 0) continue;
         ++count;
         if (!live) continue;
-        if (A8) isum += static_cast<const int8_t*>(p.x)[(size_t)row * p.stride_x + k];
-        else fsum += act_value(p, row, k);
+        if (A8) isum += act_code(p, s, r, row, k);
+        else fsum += act_value(p, s, r, row, k);
       }
       xsum[wl] = A8 ? isum : (int32_t)float_bits(fsum);
       if (A8 && r == 0) s.xcnt[wl] = count;
@@ -229,7 +312,7 @@ HD void accumulate(const Args& p, const Shared& s, int row0, int tile, int w0, i
     int a[ROWS];
     bool offset = false;  // any row with an activation offset (uniform across the block)
     for (int r = 0; r < ROWS; ++r) {
-      a[r] = A8 && row0 + r < p.M ? p.ax[row0 + r] : 0;
+      a[r] = A8 && row0 + r < p.M ? act_offset(p, s, r, row0 + r) : 0;
       offset |= a[r] != 0;
     }
     // the running group (ends before word `group_end`): its scale and zero, and its integer (A8) or float sums.
@@ -326,7 +409,7 @@ HD void accumulate(const Args& p, const Shared& s, int row0, int tile, int w0, i
       }
     }
     for (int r = 0; r < ROWS; ++r) {  // the last group
-      const float sx = (A8 || p.x_int) && row0 + r < p.M ? p.sx[row0 + r] : 1.f;
+      const float sx = (A8 || p.x_int || p.quant) && row0 + r < p.M ? act_scale(p, s, r, row0 + r) : 1.f;
       for (int c = 0; c < COLS; ++c) {
         if (A8) {
           long long t = (long long)dot[r][c] - (long long)zero[c] * xs[r] +
@@ -385,8 +468,12 @@ HD void finish(const Args& p, const Shared& s, int rblock, int tile, int tid) {
   if (tid == 0) p.cnt[(size_t)rblock * p.tiles + tile] = 0;
 }
 
+// [red][last, 12 bytes free][qs][qz][qc] (16 * rows bytes)[xt][xsum][xcnt]
+HD size_t misc_bytes(int rows) { return 16 + 16 * (size_t)rows; }
+
 HD size_t shared_bytes(int words, int slots, bool a8, int rows) {
-  return (size_t)rows * words * (slots + 1) * 4 + (a8 ? (size_t)words * 4 : 0) + (size_t)WARPS * rows * TILE_N * 4 + 16;
+  return (size_t)rows * words * (slots + 1) * 4 + (a8 ? (size_t)words * 4 : 0) + (size_t)WARPS * rows * TILE_N * 4 +
+         misc_bytes(rows);
 }
 
 HD Shared carve(unsigned char* base, int words, int slots, bool a8, int rows) {
@@ -394,7 +481,10 @@ HD Shared carve(unsigned char* base, int words, int slots, bool a8, int rows) {
   s.red = reinterpret_cast<float*>(base);
   const size_t red = (size_t)WARPS * rows * TILE_N * 4;
   s.last = reinterpret_cast<int32_t*>(base + red);
-  unsigned char* rest = base + red + 16;
+  s.qs = reinterpret_cast<float*>(base + red + 16);
+  s.qz = s.qs + rows;
+  s.qc = s.qz + rows;
+  unsigned char* rest = base + red + misc_bytes(rows);
   s.xt = reinterpret_cast<uint32_t*>(rest);
   s.xsum = reinterpret_cast<int32_t*>(rest + (size_t)rows * words * slots * 4);
   s.xcnt = s.xsum + (size_t)rows * words;
@@ -429,6 +519,16 @@ __global__ void __launch_bounds__(THREADS) gemv_kernel(Args p) {
   block_range(p, split, w0, nwords);
   const Shared s = carve(smem, p.words_per_split, Traits<BITS, A8>::SLOTS, A8, ROWS);
   prefetch_words(p, tile, w0, nwords, tid);  // the first weight rows travel to L2 while x is staged
+  if (p.quant) {
+    minmax_partials<ROWS>(p, s, row0, tid);
+    for (int stride = THREADS / 2; stride > 0; stride /= 2) {
+      __syncthreads();
+      minmax_step<ROWS>(s, stride, tid);
+    }
+    __syncthreads();
+    quant_params<ROWS>(p, s, tid);
+    __syncthreads();
+  }
   stage_x<BITS, A8, ROWS>(p, s, row0, w0, nwords, tid);
   __syncthreads();
   accumulate<BITS, A8, ROWS>(p, s, row0, tile, w0, nwords, tid);
@@ -451,6 +551,12 @@ void emulate(const Args& p) {
         block_range(p, split, w0, nwords);
         const Shared s = carve(smem.data(), p.words_per_split, Traits<BITS, A8>::SLOTS, A8, ROWS);
         const int row0 = rblock * ROWS;
+        if (p.quant) {
+          for (int t = 0; t < THREADS; ++t) minmax_partials<ROWS>(p, s, row0, t);
+          for (int stride = THREADS / 2; stride > 0; stride /= 2)
+            for (int t = 0; t < THREADS; ++t) minmax_step<ROWS>(s, stride, t);
+          for (int t = 0; t < THREADS; ++t) quant_params<ROWS>(p, s, t);
+        }
         for (int t = 0; t < THREADS; ++t) stage_x<BITS, A8, ROWS>(p, s, row0, w0, nwords, t);
         for (int t = 0; t < THREADS; ++t) accumulate<BITS, A8, ROWS>(p, s, row0, tile, w0, nwords, t);
         for (int t = 0; t < THREADS; ++t) publish<ROWS>(p, s, row0, tile, t);
@@ -513,12 +619,20 @@ int dispatch(const Args& p, int bits, bool dp4a, int rows, cudaStream_t stream, 
 using kpgemv::Args;
 
 // mode: 0 the float path on float x, 1 the dp4a path (integer activations, bits 1/2/4/8), 2 the float path on
-// integer activations. bf16: x (float path), bias and y are bf16, else fp16. rows: 1, 2 or 4 activation rows a
-// block.
+// integer activations. bf16: x (float x), bias and y are bf16, else fp16. rows: 1, 2 or 4 activation rows a
+// block. quant: x is float and the kernel quantizes it (act_bits, symmetric, center_exact as act_quant's; static
+// scale and zero when act_scale is given); else integer modes read act_quant's xq, sx, ax.
+struct QuantArgs {
+  int quant, act_bits, symmetric, center_exact;
+  float min_scale;
+  const float* act_scale;
+  const float* act_zero;
+};
+
 static Args make_args(const void* qw, const void* sw, const void* zw, const void* x, const float* sx,
                       const int32_t* ax, const void* bias, void* y, float* ws, int32_t* cnt, int M, int N, int K,
                       int SEG, int WPG, int NW, int stride_x, int stride_y, int mode, int bf16, int words_per_split,
-                      int splits, uint32_t magic) {
+                      int splits, uint32_t magic, const QuantArgs& q) {
   Args p;
   p.qw = static_cast<const int32_t*>(qw); p.sw = static_cast<const __half*>(sw); p.zw = static_cast<const uint8_t*>(zw);
   p.x = x; p.sx = sx; p.ax = ax; p.bias = bias; p.y = y;
@@ -528,6 +642,14 @@ static Args make_args(const void* qw, const void* sw, const void* zw, const void
   p.magic = magic;
   p.x_int = mode == 2;
   p.bf16 = bf16;
+  p.quant = q.quant;
+  p.qmax = (1 << q.act_bits) - 1;
+  p.half = 1 << (q.act_bits - 1);
+  p.symmetric = q.symmetric;
+  p.center_exact = q.center_exact;
+  p.min_scale = q.min_scale;
+  p.act_scale = q.act_scale;
+  p.act_zero = q.act_zero;
   return p;
 }
 
@@ -543,9 +665,11 @@ size_t abq_gemv_shared_bytes(int words_per_split, int bits, int dp4a, int rows) 
 int abq_gemv(const void* qw, const void* sw, const void* zw, const void* x, const float* sx, const int32_t* ax,
              const void* bias, void* y, float* ws, int32_t* cnt, int M, int N, int K, int SEG, int WPG, int NW,
              int stride_x, int stride_y, int bits, int mode, int bf16, int rows, int words_per_split, int splits,
-             uint32_t magic, void* stream) {
+             uint32_t magic, int quant, int act_bits, int symmetric, int center_exact, float min_scale,
+             const float* act_scale, const float* act_zero, void* stream) {
+  QuantArgs q{quant, act_bits, symmetric, center_exact, min_scale, act_scale, act_zero};
   Args p = make_args(qw, sw, zw, x, sx, ax, bias, y, ws, cnt, M, N, K, SEG, WPG, NW, stride_x, stride_y, mode, bf16,
-                     words_per_split, splits, magic);
+                     words_per_split, splits, magic, q);
   return kpgemv::dispatch(p, bits, mode == 1, rows, static_cast<cudaStream_t>(stream), false);
 }
 
@@ -553,9 +677,11 @@ int abq_gemv(const void* qw, const void* sw, const void* zw, const void* x, cons
 int abq_gemv_emulate(const void* qw, const void* sw, const void* zw, const void* x, const float* sx,
                      const int32_t* ax, const void* bias, void* y, float* ws, int32_t* cnt, int M, int N, int K,
                      int SEG, int WPG, int NW, int stride_x, int stride_y, int bits, int mode, int bf16, int rows,
-                     int words_per_split, int splits, uint32_t magic) {
+                     int words_per_split, int splits, uint32_t magic, int quant, int act_bits, int symmetric,
+                     int center_exact, float min_scale, const float* act_scale, const float* act_zero) {
+  QuantArgs q{quant, act_bits, symmetric, center_exact, min_scale, act_scale, act_zero};
   Args p = make_args(qw, sw, zw, x, sx, ax, bias, y, ws, cnt, M, N, K, SEG, WPG, NW, stride_x, stride_y, mode, bf16,
-                     words_per_split, splits, magic);
+                     words_per_split, splits, magic, q);
   return kpgemv::dispatch(p, bits, mode == 1, rows, nullptr, true);
 }
 

@@ -77,7 +77,8 @@ def block_rows(m: int) -> int:
 
 def shared_bytes(per: int, bits: int, dp4a: bool, rows: int) -> int:
     """As abq_gemv.cu's shared_bytes: staged x and its sums per row, code counts, the per-warp partials."""
-    return rows * per * (slots(bits, dp4a) + 1) * 4 + (per * 4 if dp4a else 0) + WARPS * rows * TILE_N * 4 + 16
+    return (rows * per * (slots(bits, dp4a) + 1) * 4 + (per * 4 if dp4a else 0) + WARPS * rows * TILE_N * 4
+            + 16 + 16 * rows)
 
 
 def plan(m: int, n: int, nw: int, bits: int, dp4a: bool, sms: int,
@@ -89,7 +90,7 @@ def plan(m: int, n: int, nw: int, bits: int, dp4a: bool, sms: int,
     want = max(1, blocks_per_sm * sms // max(1, tiles * rblocks))
     splits = max(1, min(want, nw // (WARPS * UNROLL)))
     per = -(-nw // splits)
-    cap = ((SHARED_LIMIT - WARPS * rows * TILE_N * 4 - 16)
+    cap = ((SHARED_LIMIT - WARPS * rows * TILE_N * 4 - 16 - 16 * rows)
            // (rows * (slots(bits, dp4a) + 1) * 4 + (4 if dp4a else 0)))
     if dp4a:
         cap = min(cap, WARPS * 32768 // KP.codes_per_word(bits))

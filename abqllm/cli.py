@@ -33,6 +33,11 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
+def available_kernels() -> list[str]:
+    from abqllm.kernels import available  # the registry (light: imports neither triton nor nvcc)
+    return available("linear")
+
+
 def _common(p: argparse.ArgumentParser, model_default: str | None = None):
     p.add_argument("--model", default=model_default, required=model_default is None,
                    help="built-in name (smollm2-135m), local folder (float or abqllm), or hub id")
@@ -121,7 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     _data_args(e)
     e.add_argument("--window", type=int, default=1024, help="tokens per evaluation window (default 1024)")
     e.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows")
-    e.add_argument("--kernel", default="auto", help="linear kernel for quantized layers: auto, torch, reference")
+    e.add_argument("--kernel", default="auto", help=f"linear kernel for quantized layers: auto (default) or one of "
+                   f"{', '.join(available_kernels())} (docs/kernels.md)")
     e.add_argument("--json", default=None, help="write results here (ppl, tokens, window, data, ...)")
     e.add_argument("--tasks", default=None,
                    help="lm-eval tasks instead of perplexity, comma-separated: abq_lastword, abq_nextsent (local, "
@@ -206,7 +212,8 @@ def _bench_args(sub):
                         "of the rounds (default 1). Use 3-5 on a shared machine whose speed drifts")
     c.add_argument("--engine", default="fast",
                    help="fast (default), exact, python (see abq generate --help) or hf (model.generate)")
-    c.add_argument("--kernel", default="auto", help="linear kernel for quantized layers (default auto)")
+    c.add_argument("--kernel", default="auto", help=f"linear kernel for quantized layers: auto (default) or one of "
+                   f"{', '.join(available_kernels())}")
     c.add_argument("--llama-cpp", default="auto",
                    help="auto: also run llama.cpp when llama-cpp-python is installed (default); on; off")
     c.add_argument("--gguf", default=None, help="GGUF of the same model (default: the file smollm2-135m ships as)")

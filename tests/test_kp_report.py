@@ -26,9 +26,10 @@ def test_targets_and_verdicts():
     assert "| M = 2048, 8192^2: W8A8 per channel >= 0.8x _int_mm | 0.83x (dense) | met |" in text
     assert "| end to end, batch 1: W4A16 >= 2.5x fp16 | 2.60x (best of its variants) | met |" in text
     assert "| end to end, batch 1: W2A8 >= 3.5x fp16 | - (best of its variants) | not measured |" in text
+    assert "| end to end memory: W4A16 peak <= 1.1 (weights + KV) | 1.000 (best of its variants) | met |" in text
 
 
 def test_empty_run_says_not_measured():
     text = kp_report.report(dict(gpu="test"))
-    assert text.count("not measured") == len(kp_report.M1_TARGETS) + len(kp_report.LARGE_TARGETS) + len(
+    assert text.count("not measured") == len(kp_report.M1_TARGETS) + len(kp_report.LARGE_TARGETS) + 2 * len(
         kp_report.E2E_TARGETS)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The decode and prefill kernels on a GPU in one call of about 8 minutes (benchmarks/gpu/kp_check.py: correctness,
 # M = 1 timings against torch fp16, GemLite and the older qlinear_kernel, sweeps, small and large M, end-to-end
-# decode at batch 1), its report against the targets (kp.md), then the k-packed, dense and CUDA-GEMV GPU tests. Name .whl in carry for GemLite (benchmarks/gpu/fetch_peer_wheels.sh).
+# decode at batch 1), its report against the targets (kp.md), then the k-packed, dense and CUDA-GEMV GPU tests.
+# Name .whl in carry for GemLite (benchmarks/gpu/fetch_peer_wheels.sh).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT="${OUT:-$PWD/out/kp}"; mkdir -p "$OUT"

@@ -115,13 +115,11 @@ def large_section(d: dict) -> tuple[list[str], dict]:
 
 def e2e_section(d: dict) -> tuple[list[str], dict]:
     rows = d.get("e2e", [])
-    if not rows:
-        return [], {}
     fp16 = next((r["tokens_per_s"] for r in rows if r["variant"] == "fp16" and "tokens_per_s" in r), None)
     out = ["## End to end, 7B shape, batch 1 (tokens/s)", "",
            "| variant | tok/s | vs fp16 | peak GB | (weights + KV) GB | peak / (weights + KV) | fused layers |",
            "|---|---|---|---|---|---|---|"]
-    ratios = {}
+    ratios, memory = {}, {}
     for r in rows:
         if "tokens_per_s" not in r:
             out.append(f"| {r['variant']} | error: {r.get('error', '')[:80]} | | | | | |")
@@ -129,10 +127,12 @@ def e2e_section(d: dict) -> tuple[list[str], dict]:
         ratio = r["tokens_per_s"] / fp16 if fp16 else None
         wkv = (r.get("weight_bytes") or 0) + (r.get("kv_bytes") or 0)
         ratios[r["variant"]] = ratio
+        if wkv and r.get("peak_bytes"):
+            memory[r["variant"]] = r["peak_bytes"] / wkv
         out.append(f"| {r['variant']} | {fmt(r['tokens_per_s'])} | {times(ratio)} | {fmt(r['peak_bytes'] / 1e9, 2)} "
                    f"| {fmt(wkv / 1e9, 2)} | {fmt(r['peak_bytes'] / wkv if wkv else None, 3)} "
                    f"| {r.get('fused_layers')} |")
-    return out + [""], ratios
+    return out + [""], (ratios, memory)
 
 
 def report(d: dict) -> str:
@@ -148,7 +148,7 @@ def report(d: dict) -> str:
            + f"; split-K workspace zero afterwards: {d.get('workspace_zero_after')}", "",
            f"Warm-up errors: {d.get('warm_errors') or 'none'}", ""]
     large, best_large = large_section(d)
-    e2e, e2e_ratios = e2e_section(d)
+    e2e, (e2e_ratios, e2e_memory) = e2e_section(d) if d.get("e2e") else ([], ({}, {}))
     out += ["## Targets (issue 4)", "", "| target | measured | verdict |", "|---|---|---|"]
     for label, sc, factor in M1_TARGETS:
         ratio, kernel, vs_peer = best_m1(d, sc)
@@ -164,6 +164,11 @@ def report(d: dict) -> str:
         ratio = max((v for k, v in e2e_ratios.items() if k.split("/")[0] == variant and v), default=None)
         out.append(f"| end to end, batch 1: {label} | {times(ratio)} (best of its variants) "
                    f"| {verdict(ratio, factor)} |")
+    for _, variant, _ in E2E_TARGETS:  # memory within 10% of packed weights + KV cache
+        mem = min((v for k, v in e2e_memory.items() if k.split("/")[0] == variant), default=None)
+        ok = "not measured" if mem is None else "met" if mem <= 1.1 else f"missed ({mem:.3f})"
+        out.append(f"| end to end memory: {variant} peak <= 1.1 (weights + KV) | {fmt(mem, 3)} (best of its variants) "
+                   f"| {ok} |")
     out.append("")
     return "\n".join(out + m1_section(d) + small_m_section(d) + large + e2e + sweep_section(d))
 

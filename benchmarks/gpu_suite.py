@@ -487,7 +487,7 @@ def section_kernels(dev, args, ceil: dict, res: Results) -> dict:
                     scheme = f"{wname}A{a}"
                     try:
                         # the registered 'triton' kernel, as `auto` runs it: the k-packed GEMV at M = 1, the
-                        # dense path (expansion + cuBLAS) from DENSE_MIN_M rows, qlinear_kernel between
+                        # dense path (expansion + cuBLAS) from DENSE_MIN_M rows when that is set, else qlinear_kernel
                         t = time_fn([lambda L=L, x=x: TL.linear_triton(L, x) for L, x in zip(layers, xs)], args, cuda)
                         path = ("kp_gemv" if KL.use_gemv(xs[0]) else "dense" if DP.use_dense(xs[0]) else
                                 str(TL.default_config(m, n, k, gs, a != 16, dev)))
@@ -510,6 +510,16 @@ def section_kernels(dev, args, ceil: dict, res: Results) -> dict:
                             rows.append(dict(kernel="cuda-bmma", scheme=scheme, m=m, n=n, k=k,
                                              error=f"{type(e).__name__}: {e}"[-300:]))
                         CU._PLANES.clear()
+                    if cuda and m >= 64:  # the dense prefill path (named 'triton-dense'; not auto's until verified)
+                        try:
+                            t = time_fn([lambda L=L, x=x: DP.dense_qlinear(x, **KL.layer_kp_args(L))
+                                         for L, x in zip(layers, xs)], args, cuda)
+                            rows.append(dict(kernel="triton-dense", scheme=scheme, m=m, n=n, k=k, us=t["s"] * 1e6,
+                                             mode=t["mode"], vs_fp16=round(fp16 / t["s"], 3),
+                                             **roofline(nbytes, flops, t["s"], ceil, a != 16)))
+                        except Exception as e:  # noqa: BLE001
+                            rows.append(dict(kernel="triton-dense", scheme=scheme, m=m, n=n, k=k,
+                                             error=f"{type(e).__name__}: {e}"[-300:]))
                     if cuda and m == 1 and a in (16, 8) and CG.supports(layers[0], dev):  # the CUDA decode GEMV
                         try:
                             t = time_fn([lambda L=L, x=x: CG.cuda_gemv(x, **KL.layer_kp_args(L))
@@ -738,7 +748,7 @@ def _render_peers(rows) -> list[str]:
     return out + [""]
 
 
-OURS = ("triton", "cuda-bmma", "cuda-gemv")  # our kernels' row names; the best one counts
+OURS = ("triton", "cuda-bmma", "cuda-gemv", "triton-dense")  # our kernels' row names; the best one counts
 
 
 def _render_targets(rows) -> list[str]:

@@ -28,9 +28,12 @@ import torch
 from abqllm.kernels import kpacked as KP
 from abqllm.kernels.registry import register
 
-# Rows from which the 'triton' and 'triton-kpacked' linear kernels take this path on CUDA. Untimed: the switch
-# point of vLLM's Machete (256); kp_check.py's large-M section times both sides of it.
-DENSE_MIN_M = 256
+# Rows from which the 'triton' and 'triton-kpacked' linear kernels take this path on CUDA; None: never (`auto`
+# keeps qlinear_kernel / kp_gemm). Off until a GPU run has checked and timed it: a kernel no GPU has run does not
+# become the default for every prefill. The intended value is 256, the switch point of vLLM's Machete;
+# kp_check.py's large-M section times both sides of it. Set it (or name 'triton-dense') to use the path now.
+DENSE_MIN_M: int | None = None
+PLANNED_MIN_M = 256
 # int32 accumulation of int8 x int8 products is exact while 128 * 128 * K < 2^31.
 INT_MM_MAX_K = 1 << 17
 
@@ -126,7 +129,7 @@ def dense_qlinear(x: torch.Tensor, qweight_t: torch.Tensor, scales_t: torch.Tens
 def use_dense(x: torch.Tensor) -> bool:
     """Whether the 'triton' and 'triton-kpacked' kernels take this path (CUDA prefill from DENSE_MIN_M rows)."""
     from abqllm.kernels.kpacked_linear import rows
-    return x.device.type == "cuda" and rows(x) >= DENSE_MIN_M
+    return DENSE_MIN_M is not None and x.device.type == "cuda" and rows(x) >= DENSE_MIN_M
 
 
 def _supports(layer, device: torch.device) -> bool:
@@ -136,7 +139,7 @@ def _supports(layer, device: torch.device) -> bool:
 
 @register("linear", "triton-dense", priority=7, supports=_supports)
 def linear_triton_dense(layer, x: torch.Tensor) -> torch.Tensor:
-    """Every M through the dense path (explicit choice; `auto` takes it from DENSE_MIN_M rows on CUDA)."""
+    """Every M through the dense path (explicit choice; `auto` takes it from DENSE_MIN_M rows on CUDA when set)."""
     from abqllm.kernels import custom_ops
     from abqllm.kernels.kpacked_linear import layer_kp_args
     return custom_ops.dense_qlinear(x, **layer_kp_args(layer))

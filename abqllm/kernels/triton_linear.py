@@ -443,7 +443,7 @@ def layer_args(layer) -> dict:
 @register("linear", "triton", priority=20, supports=supports)
 def linear_triton(layer, x: torch.Tensor) -> torch.Tensor:
     """Packed weights unpacked in registers; int8 tensor cores for q <= 8, fp16/bf16 for A16. On CUDA: the
-    k-packed GEMV for decode (M <= KP_MAX_M) and the dense path for prefill (M >= DENSE_MIN_M)."""
+    k-packed GEMV for decode (M <= KP_MAX_M) and, once DENSE_MIN_M is set, the dense path for prefill."""
     from abqllm.kernels import custom_ops, dense_prefill, kpacked_linear
     if kpacked_linear.use_gemv(x):  # decode on CUDA: the k-packed GEMV
         return custom_ops.kp_gemv(x, **kpacked_linear.layer_kp_args(layer))

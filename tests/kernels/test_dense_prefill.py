@@ -164,9 +164,10 @@ def test_custom_op_has_a_fake_implementation():
         assert y.shape == (2, 300, 16)
 
 
-def test_auto_takes_the_dense_path_only_for_cuda_prefill():
+def test_auto_takes_the_dense_path_only_for_cuda_prefill(monkeypatch):
+    monkeypatch.setattr(D, "DENSE_MIN_M", D.PLANNED_MIN_M)
     assert not D.use_dense(torch.empty(D.DENSE_MIN_M, 8))  # CPU tensors never
-    assert D.DENSE_MIN_M > KL.KP_MAX_M
+    assert D.PLANNED_MIN_M > KL.KP_MAX_M
 
 
 # ---- on a GPU -------------------------------------------------------------------------------------
@@ -191,7 +192,8 @@ def test_gpu_dense_matches_reference(w, a):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_gpu_prefill_takes_the_dense_path():
+def test_gpu_prefill_takes_the_dense_path(monkeypatch):
+    monkeypatch.setattr(D, "DENSE_MIN_M", D.PLANNED_MIN_M)
     dev = torch.device("cuda")
     layer = make_layer("4", 8, 0, 512, 1024, bias=True, seed=5).to(dev)
     x = torch.randn(D.DENSE_MIN_M, 1024, device=dev, dtype=torch.float16)

@@ -6,8 +6,10 @@ above the memory floor. Here A8 takes one dp4a per four codes (0.25-1 instructio
 and the float path three (LOP3, FADD, FFMA), with the block's activations staged once in shared memory, four
 16-byte weight loads in flight per thread, and a quarter of the atomics (the 4 warps of a block split K and meet
 in shared memory first). Supports: storage bits 1..8 (dp4a for 1/2/4/8 at A2..A8; the float path for A16 and for
-the odd widths' integer activations); fp16 or bf16 activations; per-channel or any group size; N a multiple of 4.
-Untimed: registered as linear kernel 'cuda-gemv', named only.
+the odd widths' integer activations); fp16 or bf16 activations; per-channel or any group size; N a multiple of 4;
+blocks of 1, 2 or 4 activation rows. Integer activations are quantized inside the kernel by default
+(`fuse_act_quant`, act_quant's arithmetic), which saves act_quant's launch. Untimed: registered as linear kernel
+'cuda-gemv', named only.
 
 `library(device)` builds the source for the GPU's architecture with nvcc (cached like the bit-plane kernels);
 `cuda_gemv(..., emulate=True)` runs the same kernel code on the CPU (abq_gemv_emulate, host pointers), which is

@@ -2,8 +2,9 @@
 
 Why a CUDA version beside the Triton one (triton_kpacked.kp_gemv_kernel): the H200 run put the Triton GEMV at
 4.0-5.4 instructions per code in its sm_90 SASS, and for 2-bit weights the issue floor (67M codes at 8192^2) is
-above the memory floor. Here A8 takes one dp4a per four codes (0.25-1 instruction a code with the unpacking)
-and the float path three (LOP3, FADD, FFMA), with the block's activations staged once in shared memory, four
+above the memory floor. Here A8 takes one dp4a per four codes (1.3-1.7 instructions a code in all, against 5.4
+for the Triton GEMV at W8A8; benchmarks/results/cuda_gemv_sass.json) and the float path three a code (LOP3, FADD,
+FFMA; 3.4-4.1 in all), with the block's activations staged once in shared memory, four
 16-byte weight loads in flight per thread, and a quarter of the atomics (the 4 warps of a block split K and meet
 in shared memory first). Supports: storage bits 1..8 (dp4a for 1/2/4/8 at A2..A8; the float path for A16 and for
 the odd widths' integer activations); fp16 or bf16 activations; per-channel or any group size; N a multiple of 4;
@@ -92,8 +93,8 @@ def plan(m: int, n: int, nw: int, bits: int, dp4a: bool, sms: int,
     want = max(1, blocks_per_sm * sms // max(1, tiles * rblocks))
     splits = max(1, min(want, nw // (WARPS * UNROLL)))
     per = -(-nw // splits)
-    cap = ((SHARED_LIMIT - WARPS * rows * TILE_N * 4 - 16 - 16 * rows)
-           // (rows * (slots(bits, dp4a) + 1) * 4 + (4 if dp4a else 0)))
+    fixed = shared_bytes(0, bits, dp4a, rows)
+    cap = (SHARED_LIMIT - fixed) // (shared_bytes(1, bits, dp4a, rows) - fixed)  # words that fit
     if dp4a:
         cap = min(cap, WARPS * 32768 // KP.codes_per_word(bits))
     per = max(1, min(per, cap))

@@ -4,7 +4,8 @@ At large M a fused low-bit GEMM has to match cuBLAS at its own game (TMA, wgmma,
 also unpacking; on the H100 the published fused kernels stay at 0.35-0.65x of fp16 cuBLAS from M = 256 up
 (../shared/KERNELS.md, read off gemlite's charts). Expanding the weights costs one pass over N x K outputs
 (at 8192^2: 134 MB of fp16 writes, about 50 us at 3 TB/s) beside a GEMM of 2 M N K operations (M = 2048:
-275 GFLOP, about 420 us at 660 TFLOP/s), so the path should reach about 0.9x of cuBLAS fp16 for A16 and about
+275 GFLOP, about 420 us at 660 TFLOP/s; both rates are the ceilings the H100 run measured,
+benchmarks/results/gpu_h100_2026-11-28.md), so the path should reach about 0.9x of cuBLAS fp16 for A16 and about
 0.75x of `torch._int_mm` for per-channel A8 (expand, act_quant, rowsum and epilogue passes around it).
 Those are predictions; benchmarks/gpu/kp_check.py times them against the fused kernels.
 
@@ -26,6 +27,7 @@ from __future__ import annotations
 import torch
 
 from abqllm.kernels import kpacked as KP
+from abqllm.kernels.kpacked_linear import _per_p, _prologue, _supports, layer_kp_args, rows
 from abqllm.kernels.registry import register
 
 # Rows from which the 'triton' and 'triton-kpacked' linear kernels take this path on CUDA; None: never (`auto`
@@ -41,11 +43,6 @@ INT_MM_MAX_K = 1 << 17
 def _kernels():
     from abqllm.kernels import triton_dense  # imports triton
     return triton_dense
-
-
-def _per_p(bits: int) -> int:
-    per = KP.codes_per_word(bits)
-    return 1 << (per - 1).bit_length()
 
 
 def expand_tile(bits: int, interpret: bool) -> tuple[int, int]:
@@ -93,7 +90,6 @@ def dense_qlinear(x: torch.Tensor, qweight_t: torch.Tensor, scales_t: torch.Tens
                   in_features: int, bits: int, group_size: int, act_bits: int, act_symmetric: bool,
                   out: torch.Tensor | None = None) -> torch.Tensor:
     """y = Q_a(x) @ W^T + bias on the k-packed layout through a cuBLAS GEMM (see the module docstring)."""
-    from abqllm.kernels.kpacked_linear import _prologue
     from abqllm.kernels.triton_linear import act_center_exact, interpreting
 
     out_shape, m, y, a_in, sx, ax = _prologue(x, qweight_t, scales_t, in_features, bits, group_size, act_bits,
@@ -115,8 +111,8 @@ def dense_qlinear(x: torch.Tensor, qweight_t: torch.Tensor, scales_t: torch.Tens
             y, m, n, k, y.stride(0), CENTER_W=center_w, A_OFFSET=a_offset, HAS_BIAS=bias is not None,
             BM=bm, BN=bn, num_warps=4)
         return y.reshape(out_shape)
-    x2 = x.reshape(-1, k)
-    if int_path:  # fake-quantized activations: s_x (xq + a) in x's dtype
+    x2 = a_in  # the rows of x, or for integer activations their codes, fake-quantized here: s_x (xq + a)
+    if int_path:
         x2 = ((a_in.float() + ax.unsqueeze(1).float()) * sx.unsqueeze(1)).to(x.dtype)
     w_hat, _ = expand_kpacked(qweight_t, scales_t, zeros_t, k, bits, group_size, x.dtype)
     if bias is not None:
@@ -128,20 +124,13 @@ def dense_qlinear(x: torch.Tensor, qweight_t: torch.Tensor, scales_t: torch.Tens
 
 def use_dense(x: torch.Tensor) -> bool:
     """Whether the 'triton' and 'triton-kpacked' kernels take this path (CUDA prefill from DENSE_MIN_M rows)."""
-    from abqllm.kernels.kpacked_linear import rows
     return DENSE_MIN_M is not None and x.device.type == "cuda" and rows(x) >= DENSE_MIN_M
-
-
-def _supports(layer, device: torch.device) -> bool:
-    from abqllm.kernels.triton_linear import supports
-    return supports(layer, device)
 
 
 @register("linear", "triton-dense", priority=7, supports=_supports)
 def linear_triton_dense(layer, x: torch.Tensor) -> torch.Tensor:
     """Every M through the dense path (explicit choice; `auto` takes it from DENSE_MIN_M rows on CUDA when set)."""
     from abqllm.kernels import custom_ops
-    from abqllm.kernels.kpacked_linear import layer_kp_args
     return custom_ops.dense_qlinear(x, **layer_kp_args(layer))
 
 

@@ -308,9 +308,9 @@ def _supports(layer, device: torch.device) -> bool:
 
 @register("linear", "triton-kpacked", priority=8, supports=_supports)
 def linear_triton_kpacked(layer, x: torch.Tensor) -> torch.Tensor:
-    """Every M on the k-packed layout: the GEMV up to KP_MAX_M rows, the dense path (dense_prefill.py) from
-    DENSE_MIN_M rows on CUDA, kp_gemm between (the 'triton' kernel takes the GEMV and the dense path by itself on
-    CUDA and keeps qlinear_kernel on the bitstream between)."""
+    """Every M on the k-packed layout: the GEMV up to KP_MAX_M rows, kp_gemm above; once DENSE_MIN_M is set, the
+    dense path (dense_prefill.py) from that many rows on CUDA. The 'triton' kernel takes the GEMV (and the dense path)
+    by itself on CUDA and keeps qlinear_kernel on the bitstream otherwise."""
     from abqllm.kernels import custom_ops, dense_prefill
     if 0 < rows(x) <= KP_MAX_M:
         return custom_ops.kp_gemv(x, **layer_kp_args(layer))

@@ -1,9 +1,10 @@
 """Fused elementwise kernels for the end-to-end decode model (benchmarks/gpu/llama.py).
 
-Why: the plain torch decoder launches about 40 small kernels per layer besides its 7 linears (casts, the
-RMSNorm's pow/mean/rsqrt/mul, rope's slices/stack/flatten, the cache writes, silu, mul, residual adds; counted
-with torch.profiler on the CPU). At 2-3 us each inside a CUDA graph that is 2.5-4 ms per token for 32 layers,
-about as long as fp16 spends reading its 13.5 GB of weights: it would hide any kernel speed-up (the H200 run's
+Why: the plain torch decoder launches about 43 small kernels per layer besides its linears (casts, the RMSNorm's
+pow/mean/rsqrt/mul, rope's stack/flatten, the cache writes, silu, mul, residual adds; benchmarks/gpu/count_layer_ops.py
+-> benchmarks/results/llama_layer_ops.json). At an assumed 2-3 us each inside a CUDA graph (not measured here) that
+would be 2.5-4 ms per token for 32 layers, about as long as fp16 spends reading its 13.5 GB of weights, which would
+hide any kernel speed-up (the H200 run's
 W2A16 decode was 1.01x fp16 while its GEMV was 1.78x). Fused, a layer takes 5 of these kernels plus attention:
 add + RMSNorm (twice), rope + KV-cache write (reading the fused qkv projection), silu * up (reading the fused
 gate/up projection).

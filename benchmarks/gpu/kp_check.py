@@ -202,7 +202,7 @@ def main():
     def section_correctness():
         # ---- correctness vs the float64 reference, outputs poisoned with NaN, workspace zero afterwards
         rows = []
-        for scheme in schemes if want("correctness") else ():
+        for scheme in schemes:
             odd = () if args.lean else ((0, S(576) + 8, 1), (64, S(1000) + 40, 3))
             for gs, k, m in ((128, S(4096), 1),) + odd:
                 qs = parse_scheme(scheme + (f"g{gs}" if gs else ""))
@@ -241,11 +241,8 @@ def main():
             o = torch.full((m, 200), float("nan"), dtype=torch.float16, device=dev)
             try:
                 DP.dense_qlinear(x.to(dev), **KL.layer_kp_args(GS._to(L, dev)), out=o)
-                err = (o.cpu().double() - ref).abs()
-                bound = 2.0 ** -10 * ref.abs() + 1e-4 * ref.abs().max() + slack
                 rows.append(dict(scheme=scheme, gs=gs, k=k, m=m, dtype="torch.float16", kernel="dense",
-                                 ok=bool(torch.isfinite(o).all() and (err <= bound).all()),
-                                 worst=float((err / bound).max())))
+                                 **GS._check(o, ref, torch.float16, slack)))
             except Exception as e:  # noqa: BLE001
                 rows.append(dict(scheme=scheme, gs=gs, k=k, m=m, kernel="dense", ok=False,
                                  error=f"{type(e).__name__}: {e}"[-300:]))
@@ -259,7 +256,7 @@ def main():
     def section_timings():
         # ---- M = 1 timings
         res["timings"] = []
-        for si, (n, k) in enumerate((shapes[:2] if args.lean or CPU else shapes) if want("timings") else []):
+        for si, (n, k) in enumerate(shapes[:2] if args.lean or CPU else shapes):
             c = GS.copies_needed(n * k * 2, not CPU)
             ws_ = [torch.randn(n, k, device=dev, dtype=torch.float16) for _ in range(c)]
             xs = [torch.randn(1, k, device=dev, dtype=torch.float16) for _ in range(c)]
@@ -303,7 +300,7 @@ def main():
         # ---- tile sweep at N = K = 8192
         res["sweep"] = []
         n = k = S(8192)
-        for scheme in SWEEP_SCHEMES if want("sweep") else ():
+        for scheme in SWEEP_SCHEMES:
             qs = parse_scheme(scheme + "g128")
             c = GS.copies_needed(n * k * qs.weight.storage_bits // 8, not CPU)
             Ls = [layer(scheme, n, k, dev, seed=i) for i in range(c)]
@@ -336,7 +333,7 @@ def main():
         # once a block of up to 4 rows.
         res["small_m"] = []
         n = k = S(8192)
-        for scheme in ("W4A16", "W2A8", "W8A8") if want("small_m") else ():
+        for scheme in ("W4A16", "W2A8", "W8A8"):
             qs = parse_scheme(scheme + "g128")
             c = GS.copies_needed(n * k * qs.weight.storage_bits // 8, not CPU)
             Ls = [layer(scheme, n, k, dev, seed=i) for i in range(c)]
@@ -359,7 +356,7 @@ def main():
     def section_large_m():
         # ---- M = 16 and M = 2048: kp_gemm (k-packed, tensor cores) vs qlinear_kernel (bitstream) vs cuBLAS / _int_mm
         res["large_m"] = []
-        for m, (n, k) in ((2048, (8192, 8192)), (16, (8192, 8192)), (2048, (4096, 11008))) if want("large_m") else ():
+        for m, (n, k) in ((2048, (8192, 8192)), (16, (8192, 8192)), (2048, (4096, 11008))):
             m, n, k = M(m), S(n), S(k)
             if left() < 70:
                 break
@@ -406,7 +403,7 @@ def main():
         shape = llama.Shape(max_seq=prompt + new) if not CPU else llama.Shape(dim=64, n_layers=2, n_heads=4, ffn=160,
                                                                               vocab=256, max_seq=prompt + new)
         # (no /cuda variants in the CPU dry run: the 'cuda-gemv' kernel serves CUDA tensors only)
-        for variant in [v for v in E2E_VARIANTS if not (CPU and v.endswith("/cuda"))] if want("e2e") else ():
+        for variant in [v for v in E2E_VARIANTS if not (CPU and v.endswith("/cuda"))]:
             if left() < 20:
                 break
             scheme, _, kernel = variant.partition("/")

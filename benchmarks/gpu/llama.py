@@ -2,7 +2,7 @@
 
 gpt-fast style: static KV cache [B, H, max_seq, D], attention over the whole cache with a causal mask so
 every decode step has the same shapes and the step can be captured in one CUDA graph. On CUDA the layers run
-through fused_ops (5 small kernels a layer besides linears and attention, instead of about 40), so that what the
+through fused_ops (5 small kernels a layer besides linears and attention, instead of about 43), so that what the
 benchmark times is mostly the linears, for every variant alike; `fused=False` keeps the plain torch ops. Linear layers are
 either fp16 nn.Linear or abqllm QuantLinear filled with random packed codes, scales and zero points
 (the speed of the kernels does not depend on the values; the layer still checks its shapes).

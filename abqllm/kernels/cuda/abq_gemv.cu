@@ -293,6 +293,21 @@ HD void stage_x(const Args& p, const Shared& s, int row0, int w0, int nwords, in
   }
 }
 
+// The word rows [wa, wb) of warp `warp`: consecutive quarters of the block's [w0, w0 + nwords).
+HD void warp_range(int w0, int nwords, int warp, int& wa, int& wb) {
+  const int per_warp = (nwords + WARPS - 1) / WARPS;
+  wa = w0 + warp * per_warp;
+  wb = (w0 + nwords < wa + per_warp) ? w0 + nwords : wa + per_warp;
+}
+
+// One group's sum for one output before its scale: sum (u - z)(xq + a) in integers on the dp4a path, expanded as
+// sum u xq - z sum xq + a (sum u - z count); sum code x - z sum x on the float path.
+template <bool A8>
+HD float group_total(int32_t dot, int32_t usum, int32_t zero, int32_t xs, int32_t xc, int a, float gsum, float xsf) {
+  if (A8) return (float)((long long)dot - (long long)zero * xs + (long long)a * (usum - (long long)zero * xc));
+  return gsum - (float)zero * xsf;
+}
+
 // ---- phase 2: this lane's 4 columns x ROWS rows over its warp's quarter of the block's words; partials to s.red
 template <int BITS, bool A8, int ROWS>
 HD void accumulate(const Args& p, const Shared& s, int row0, int tile, int w0, int nwords, int tid) {
@@ -306,9 +321,8 @@ HD void accumulate(const Args& p, const Shared& s, int row0, int tile, int w0, i
   for (int r = 0; r < ROWS; ++r)
     for (int c = 0; c < COLS; ++c) acc[r][c] = 0.f;
   if (n0 < p.N) {
-    const int per_warp = (nwords + WARPS - 1) / WARPS;
-    const int wa = w0 + warp * per_warp;
-    const int wb = (w0 + nwords < wa + per_warp) ? w0 + nwords : wa + per_warp;
+    int wa, wb;
+    warp_range(w0, nwords, warp, wa, wb);
     int a[ROWS];
     bool offset = false;  // any row with an activation offset (uniform across the block)
     for (int r = 0; r < ROWS; ++r) {
@@ -347,15 +361,9 @@ HD void accumulate(const Args& p, const Shared& s, int row0, int tile, int w0, i
           group_end = (g + 1) * p.WPG;
           for (int c = 0; c < COLS; ++c) {
             for (int r = 0; r < ROWS; ++r) {
-              if (A8) {
-                long long t = (long long)dot[r][c] - (long long)zero[c] * xs[r] +
-                              (long long)a[r] * (usum[c] - (long long)zero[c] * xc);
-                acc[r][c] += scale[c] * (float)t;
-                dot[r][c] = 0;
-              } else {
-                acc[r][c] += scale[c] * (gsum[r][c] - (float)zero[c] * xsf[r]);
-                gsum[r][c] = 0.f;
-              }
+              acc[r][c] += scale[c] * group_total<A8>(dot[r][c], usum[c], zero[c], xs[r], xc, a[r], gsum[r][c], xsf[r]);
+              dot[r][c] = 0;
+              gsum[r][c] = 0.f;
             }
             usum[c] = 0;
             scale[c] = __half2float(p.sw[(size_t)g * p.N + n0 + c]);
@@ -411,13 +419,7 @@ HD void accumulate(const Args& p, const Shared& s, int row0, int tile, int w0, i
     for (int r = 0; r < ROWS; ++r) {  // the last group
       const float sx = (A8 || p.x_int || p.quant) && row0 + r < p.M ? act_scale(p, s, r, row0 + r) : 1.f;
       for (int c = 0; c < COLS; ++c) {
-        if (A8) {
-          long long t = (long long)dot[r][c] - (long long)zero[c] * xs[r] +
-                        (long long)a[r] * (usum[c] - (long long)zero[c] * xc);
-          acc[r][c] += scale[c] * (float)t;
-        } else {
-          acc[r][c] += scale[c] * (gsum[r][c] - (float)zero[c] * xsf[r]);
-        }
+        acc[r][c] += scale[c] * group_total<A8>(dot[r][c], usum[c], zero[c], xs[r], xc, a[r], gsum[r][c], xsf[r]);
         acc[r][c] *= sx;
       }
     }
@@ -502,8 +504,8 @@ HD void block_range(const Args& p, int split, int& w0, int& nwords) {
 // warp, issued before the activations are staged so that the two latencies overlap.
 __device__ __forceinline__ void prefetch_words(const Args& p, int tile, int w0, int nwords, int tid) {
   const int warp = tid / 32, lane = tid % 32, n0 = tile * TILE_N + lane * COLS;
-  const int per_warp = (nwords + WARPS - 1) / WARPS, wa = w0 + warp * per_warp;
-  const int wb = (w0 + nwords < wa + per_warp) ? w0 + nwords : wa + per_warp;
+  int wa, wb;
+  warp_range(w0, nwords, warp, wa, wb);
   if (n0 >= p.N) return;
   for (int w = wa; w < wb && w < wa + 2 * UNROLL; ++w)
     asm volatile("prefetch.global.L2 [%0];" ::"l"(p.qw + (size_t)w * p.N + n0));

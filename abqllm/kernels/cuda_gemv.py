@@ -140,7 +140,8 @@ def cuda_gemv(x: torch.Tensor, qweight_t: torch.Tensor, scales_t: torch.Tensor, 
         ws, cnt = torch.zeros(m * n), torch.zeros(m * tiles, dtype=torch.int32)
     else:
         ws, cnt = workspace(x.device, m * n, m * tiles)
-    bias_y = bias.to(x.dtype).contiguous() if bias is not None else None
+    # float32: an fp16 bias under bf16 activations keeps every bit (bf16 would round it; Triton adds it in fp32)
+    bias_f = bias.float().contiguous() if bias is not None else None
     static = None
     if quant and act_scale is not None:  # a static per-tensor range: float32 [1] scale and zero
         static = (act_scale.float().reshape(1).contiguous(), act_zero.float().reshape(1).contiguous())
@@ -150,7 +151,7 @@ def cuda_gemv(x: torch.Tensor, qweight_t: torch.Tensor, scales_t: torch.Tensor, 
     args = [qweight_t.data_ptr(), scales_t.contiguous().data_ptr(), zeros_t.contiguous().data_ptr(),
             a_in.data_ptr(), sx.data_ptr() if path and not quant else None,
             ax.data_ptr() if path and not quant else None,
-            bias_y.data_ptr() if bias_y is not None else None, y.data_ptr(), ws.data_ptr(), cnt.data_ptr(),
+            bias_f.data_ptr() if bias_f is not None else None, y.data_ptr(), ws.data_ptr(), cnt.data_ptr(),
             m, n, k, seg, wpg, nw, a_in.stride(0), y.stride(0), bits, path, int(x.dtype == torch.bfloat16), rows,
             per, splits, MAGIC, int(quant), act_bits if quant else 8, int(act_symmetric),
             int(act_center_exact(act_bits, act_symmetric)) if quant else 1, MIN_ACT_SCALE,

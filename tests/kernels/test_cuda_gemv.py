@@ -129,6 +129,24 @@ def test_plan_covers_every_word_once_within_the_caps():
             assert -(-per // CG.WARPS) * (32 // bits) <= 32768  # int32 sums of a warp cannot overflow
 
 
+@needs_nvcc
+def test_fp16_bias_under_bf16_activations_is_added_exactly():
+    """The bias almost cancels x @ W^T, so the output is small and the tolerance tight: a bias rounded to bf16
+    (8 bits of mantissa, an error of up to 2^-9 |b|) fails; one added in float32, as the reference does, passes.
+    (The kp_check dry run caught this at W4A4 g64 bf16: 1.25x the tolerance.)"""
+    layer = make_layer("4", 16, 64, 136, 256, bias=True, seed=3)
+    x = activations(1, 256, seed=4).to(torch.bfloat16)
+    layer.bias = None
+    product = linear_reference(layer, x.double())
+    g = torch.Generator().manual_seed(5)
+    layer.bias = (-product[0] + 0.01 * torch.randn(136, generator=g, dtype=torch.float64)).half()
+    assert (layer.bias.to(torch.bfloat16) != layer.bias).any()  # the bias is not bf16-representable
+    ref = linear_reference(layer, x.double())
+    y = torch.full((1, 136), float("nan"), dtype=torch.bfloat16)
+    CG.cuda_gemv(x, **KL.layer_kp_args(layer), out=y, emulate=True)
+    check_close(y, ref, torch.bfloat16)
+
+
 def test_refuses_what_it_cannot_serve():
     args = KL.layer_kp_args(make_layer("4", 16, 64, 16, 128))
     with pytest.raises(ValueError, match="bits"):

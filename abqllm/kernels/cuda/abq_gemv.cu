@@ -52,7 +52,7 @@ struct Args {
   const void* x;        // float x (fp16/bf16) or int8 xq [M, stride_x]
   const float* sx;      // integer activations: token scale [M]
   const int32_t* ax;    // integer activations: offset a [M] (u_x - z_x = xq + a)
-  const void* bias;     // [N] in y's dtype, or null
+  const float* bias;    // [N] float32, or null (an fp16 bias in bf16 y's dtype would lose bits: exact in float)
   void* y;              // [M, stride_y], fp16 or bf16
   float* ws;            // [M, N] zero, split-K partial sums
   int32_t* cnt;         // [M, tiles] zero, split-K arrival counters
@@ -61,7 +61,7 @@ struct Args {
   // of one LOP3 ((word & mask) | magic). As a constant, nvcc splits that into two LOP3s (one immediate each).
   uint32_t magic;
   int x_int;            // the float path reads int8 xq + a (and multiplies by sx at the end)
-  int bf16;             // x (float path), bias and y are bf16, else fp16
+  int bf16;             // x (float path) and y are bf16, else fp16
   // quant: the block quantizes float x itself (per token, or with the static act_scale/act_zero), as act_quant
   // does (abqllm/kernels/triton_kernels.py act_quant_kernel: same operations, same roundings), instead of
   // reading act_quant's int8 xq, sx and ax: one launch less per linear.
@@ -438,7 +438,7 @@ HD float block_column(const Shared& s, int r, int tid) {
 }
 
 HD void write_y(const Args& p, int row, int n, float v) {
-  if (p.bias) v += load_float(p.bias, n, p.bf16);
+  if (p.bias) v += p.bias[n];
   store_float(p.y, (size_t)row * p.stride_y + n, v, p.bf16);
 }
 
@@ -621,9 +621,9 @@ int dispatch(const Args& p, int bits, bool dp4a, int rows, cudaStream_t stream, 
 using kpgemv::Args;
 
 // mode: 0 the float path on float x, 1 the dp4a path (integer activations, bits 1/2/4/8), 2 the float path on
-// integer activations. bf16: x (float x), bias and y are bf16, else fp16. rows: 1, 2 or 4 activation rows a
-// block. quant: x is float and the kernel quantizes it (act_bits, symmetric, center_exact as act_quant's; static
-// scale and zero when act_scale is given); else integer modes read act_quant's xq, sx, ax.
+// integer activations. bf16: x (float x) and y are bf16, else fp16; bias is float32. rows: 1, 2 or 4 activation
+// rows a block. quant: x is float and the kernel quantizes it (act_bits, symmetric, center_exact as act_quant's;
+// static scale and zero when act_scale is given); else integer modes read act_quant's xq, sx, ax.
 struct QuantArgs {
   int quant, act_bits, symmetric, center_exact;
   float min_scale;
@@ -637,7 +637,7 @@ static Args make_args(const void* qw, const void* sw, const void* zw, const void
                       int splits, uint32_t magic, const QuantArgs& q) {
   Args p;
   p.qw = static_cast<const int32_t*>(qw); p.sw = static_cast<const __half*>(sw); p.zw = static_cast<const uint8_t*>(zw);
-  p.x = x; p.sx = sx; p.ax = ax; p.bias = bias; p.y = y;
+  p.x = x; p.sx = sx; p.ax = ax; p.bias = static_cast<const float*>(bias); p.y = y;
   p.ws = ws; p.cnt = cnt; p.M = M; p.N = N; p.K = K; p.SEG = SEG; p.WPG = WPG; p.NW = NW; p.stride_x = stride_x;
   p.stride_y = stride_y; p.words_per_split = words_per_split; p.splits = splits;
   p.tiles = (N + kpgemv::TILE_N - 1) / kpgemv::TILE_N;

@@ -10,7 +10,7 @@ either fp16 nn.Linear or abqllm QuantLinear filled with random packed codes, sca
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +18,7 @@ from torch import nn
 
 from abqllm.formats.packing import padded_k
 from abqllm.nn import QuantLinear
-from abqllm.spec import LayerSpec
+from abqllm.spec import ActSpec, LayerSpec
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,19 @@ def random_quant_linear(k: int, n: int, spec: LayerSpec, device, kernel: str = "
         layer.act_scale = layer.act_scale.to(device)
         layer.act_zero = layer.act_zero.to(device)
     return layer
+
+
+def with_act(layer: QuantLinear, act: ActSpec) -> QuantLinear:
+    """The same packed weights under another activation scheme, shared, not copied: the GPU suite times A16, A8
+    and A4 on one set of weights, and their kernel layouts (k-packed, bit planes) are built once."""
+    twin = QuantLinear(layer.in_features, layer.out_features, replace(layer.spec, act=act), dtype=torch.float16,
+                       kernel=layer.kernel)
+    twin.qweight, twin.scales, twin.zeros, twin.bias = layer.qweight, layer.scales, layer.zeros, layer.bias
+    if hasattr(twin, "act_scale"):
+        twin.act_scale = twin.act_scale.to(layer.qweight.device)
+        twin.act_zero = twin.act_zero.to(layer.qweight.device)
+    twin._kernel_cache = layer._kernel_cache  # keyed by the weight tensors' identity and version: valid for both
+    return twin
 
 
 def make_linear(k: int, n: int, spec: LayerSpec | None, device, seed: int) -> nn.Module:

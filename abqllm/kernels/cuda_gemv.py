@@ -40,7 +40,8 @@ GEMV_MAX_M = 4  # rows up to which 'cuda-gemv' takes the GEMV (blocks of 4 rows 
 SHARED_LIMIT = 48 * 1024  # dynamic shared memory without opting in
 _LOCK = threading.Lock()
 _ARGS = ([ctypes.c_void_p] * 10 + [ctypes.c_int] * 14 + [ctypes.c_uint32] + [ctypes.c_int] * 4 + [ctypes.c_float]
-         + [ctypes.c_void_p] * 2)
+         + [ctypes.c_void_p] * 2 + [ctypes.c_int])
+_BIAS_KIND = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}  # the kernel reads the bias as it is stored
 MAGIC = 0x4B000000  # 2^23: abq_gemv.cu's code-to-float constant, passed at run time (see Args there)
 
 
@@ -140,8 +141,8 @@ def cuda_gemv(x: torch.Tensor, qweight_t: torch.Tensor, scales_t: torch.Tensor, 
         ws, cnt = torch.zeros(m * n), torch.zeros(m * tiles, dtype=torch.int32)
     else:
         ws, cnt = workspace(x.device, m * n, m * tiles)
-    # float32: an fp16 bias under bf16 activations keeps every bit (bf16 would round it; Triton adds it in fp32)
-    bias_f = bias.float().contiguous() if bias is not None else None
+    # read as stored (an fp16 bias under bf16 activations keeps every bit, and no cast runs per call)
+    bias_c = bias if bias is None or (bias.dtype in _BIAS_KIND and bias.is_contiguous()) else bias.float().contiguous()
     static = None
     if quant and act_scale is not None:  # a static per-tensor range: float32 [1] scale and zero
         static = (act_scale.float().reshape(1).contiguous(), act_zero.float().reshape(1).contiguous())
@@ -151,11 +152,12 @@ def cuda_gemv(x: torch.Tensor, qweight_t: torch.Tensor, scales_t: torch.Tensor, 
     args = [qweight_t.data_ptr(), scales_t.contiguous().data_ptr(), zeros_t.contiguous().data_ptr(),
             a_in.data_ptr(), sx.data_ptr() if path and not quant else None,
             ax.data_ptr() if path and not quant else None,
-            bias_f.data_ptr() if bias_f is not None else None, y.data_ptr(), ws.data_ptr(), cnt.data_ptr(),
+            bias_c.data_ptr() if bias_c is not None else None, y.data_ptr(), ws.data_ptr(), cnt.data_ptr(),
             m, n, k, seg, wpg, nw, a_in.stride(0), y.stride(0), bits, path, int(x.dtype == torch.bfloat16), rows,
             per, splits, MAGIC, int(quant), act_bits if quant else 8, int(act_symmetric),
             int(act_center_exact(act_bits, act_symmetric)) if quant else 1, MIN_ACT_SCALE,
-            static[0].data_ptr() if static else None, static[1].data_ptr() if static else None]
+            static[0].data_ptr() if static else None, static[1].data_ptr() if static else None,
+            _BIAS_KIND[bias_c.dtype] if bias_c is not None else 0]
     if emulate:
         code = lib.abq_gemv_emulate(*args)
     else:

@@ -52,7 +52,8 @@ struct Args {
   const void* x;        // float x (fp16/bf16) or int8 xq [M, stride_x]
   const float* sx;      // integer activations: token scale [M]
   const int32_t* ax;    // integer activations: offset a [M] (u_x - z_x = xq + a)
-  const float* bias;    // [N] float32, or null (an fp16 bias in bf16 y's dtype would lose bits: exact in float)
+  const void* bias;     // [N] or null, of type bias_kind: read as it is stored (no cast kernel, no rounding)
+  int bias_kind;        // 0 fp16, 1 bf16, 2 float32
   void* y;              // [M, stride_y], fp16 or bf16
   float* ws;            // [M, N] zero, split-K partial sums
   int32_t* cnt;         // [M, tiles] zero, split-K arrival counters
@@ -438,7 +439,7 @@ HD float block_column(const Shared& s, int r, int tid) {
 }
 
 HD void write_y(const Args& p, int row, int n, float v) {
-  if (p.bias) v += p.bias[n];
+  if (p.bias) v += p.bias_kind == 2 ? static_cast<const float*>(p.bias)[n] : load_float(p.bias, n, p.bias_kind == 1);
   store_float(p.y, (size_t)row * p.stride_y + n, v, p.bf16);
 }
 
@@ -621,9 +622,10 @@ int dispatch(const Args& p, int bits, bool dp4a, int rows, cudaStream_t stream, 
 using kpgemv::Args;
 
 // mode: 0 the float path on float x, 1 the dp4a path (integer activations, bits 1/2/4/8), 2 the float path on
-// integer activations. bf16: x (float x) and y are bf16, else fp16; bias is float32. rows: 1, 2 or 4 activation
-// rows a block. quant: x is float and the kernel quantizes it (act_bits, symmetric, center_exact as act_quant's;
-// static scale and zero when act_scale is given); else integer modes read act_quant's xq, sx, ax.
+// integer activations. bf16: x (float x) and y are bf16, else fp16; bias_kind: the bias's type (0 fp16, 1 bf16,
+// 2 float32). rows: 1, 2 or 4 activation rows a block. quant: x is float and the kernel quantizes it (act_bits,
+// symmetric, center_exact as act_quant's; static scale and zero when act_scale is given); else integer modes read
+// act_quant's xq, sx, ax.
 struct QuantArgs {
   int quant, act_bits, symmetric, center_exact;
   float min_scale;
@@ -634,10 +636,10 @@ struct QuantArgs {
 static Args make_args(const void* qw, const void* sw, const void* zw, const void* x, const float* sx,
                       const int32_t* ax, const void* bias, void* y, float* ws, int32_t* cnt, int M, int N, int K,
                       int SEG, int WPG, int NW, int stride_x, int stride_y, int mode, int bf16, int words_per_split,
-                      int splits, uint32_t magic, const QuantArgs& q) {
+                      int splits, uint32_t magic, const QuantArgs& q, int bias_kind) {
   Args p;
   p.qw = static_cast<const int32_t*>(qw); p.sw = static_cast<const __half*>(sw); p.zw = static_cast<const uint8_t*>(zw);
-  p.x = x; p.sx = sx; p.ax = ax; p.bias = static_cast<const float*>(bias); p.y = y;
+  p.x = x; p.sx = sx; p.ax = ax; p.bias = bias; p.bias_kind = bias_kind; p.y = y;
   p.ws = ws; p.cnt = cnt; p.M = M; p.N = N; p.K = K; p.SEG = SEG; p.WPG = WPG; p.NW = NW; p.stride_x = stride_x;
   p.stride_y = stride_y; p.words_per_split = words_per_split; p.splits = splits;
   p.tiles = (N + kpgemv::TILE_N - 1) / kpgemv::TILE_N;
@@ -668,10 +670,10 @@ int abq_gemv(const void* qw, const void* sw, const void* zw, const void* x, cons
              const void* bias, void* y, float* ws, int32_t* cnt, int M, int N, int K, int SEG, int WPG, int NW,
              int stride_x, int stride_y, int bits, int mode, int bf16, int rows, int words_per_split, int splits,
              uint32_t magic, int quant, int act_bits, int symmetric, int center_exact, float min_scale,
-             const float* act_scale, const float* act_zero, void* stream) {
+             const float* act_scale, const float* act_zero, int bias_kind, void* stream) {
   QuantArgs q{quant, act_bits, symmetric, center_exact, min_scale, act_scale, act_zero};
   Args p = make_args(qw, sw, zw, x, sx, ax, bias, y, ws, cnt, M, N, K, SEG, WPG, NW, stride_x, stride_y, mode, bf16,
-                     words_per_split, splits, magic, q);
+                     words_per_split, splits, magic, q, bias_kind);
   return kpgemv::dispatch(p, bits, mode == 1, rows, static_cast<cudaStream_t>(stream), false);
 }
 
@@ -680,10 +682,11 @@ int abq_gemv_emulate(const void* qw, const void* sw, const void* zw, const void*
                      const int32_t* ax, const void* bias, void* y, float* ws, int32_t* cnt, int M, int N, int K,
                      int SEG, int WPG, int NW, int stride_x, int stride_y, int bits, int mode, int bf16, int rows,
                      int words_per_split, int splits, uint32_t magic, int quant, int act_bits, int symmetric,
-                     int center_exact, float min_scale, const float* act_scale, const float* act_zero) {
+                     int center_exact, float min_scale, const float* act_scale, const float* act_zero,
+                     int bias_kind) {
   QuantArgs q{quant, act_bits, symmetric, center_exact, min_scale, act_scale, act_zero};
   Args p = make_args(qw, sw, zw, x, sx, ax, bias, y, ws, cnt, M, N, K, SEG, WPG, NW, stride_x, stride_y, mode, bf16,
-                     words_per_split, splits, magic, q);
+                     words_per_split, splits, magic, q, bias_kind);
   return kpgemv::dispatch(p, bits, mode == 1, rows, nullptr, true);
 }
 

@@ -274,7 +274,8 @@ def _warm_worker(items: list) -> list:
                     if not t.name.startswith("cuda"):  # (the CUDA kernels are built once, by nvcc, in the parent)
                         t.run(layer, x)
                 if peers.available():
-                    peers.time_peer(f"{wname}A{a}", bits, balanced, a, gs, m, n, k, 1, dev, lambda fns: fns[0]())
+                    peers.time_peer(f"{wname}A{a}", bits, balanced, a, gs, m, n, k, 1, dev,
+                                    lambda fns: (fns[0](), dict(s=0.0, mode="warm-up"))[1])  # one call: compiles
             else:
                 for scheme, label, run in sweep_plan(argparse.Namespace(quick=False)):
                     if label == what and not label.startswith("cuda"):

@@ -253,12 +253,12 @@ def kernel_blocks(shapes, ms) -> list[tuple[int, int, int]]:
     return out
 
 
-def _warm_worker(items: list) -> list:
+def _warm_worker(items: list, device: str = "cuda") -> list:
     """Run each launch once (in a fresh process): compiles it into Triton's disk cache. An item is
     (m, n, k, wname, bits, balanced, a, gs, dtype, what): what = 'timed' (our timed Triton kernels at this M, and the
     peer's), 'checked' (every Triton launcher the correctness check runs), or a sweep label."""
     from benchmarks.gpu import suite_kernels as SK
-    dev = torch.device("cuda")
+    dev = torch.device(device)
     errors = []
     for (m, n, k, wname, bits, balanced, a, gs, dtype, what) in items:
         try:
@@ -282,7 +282,8 @@ def _warm_worker(items: list) -> list:
                         run(layer, x)
         except Exception as e:  # noqa: BLE001
             errors.append(f"{wname}A{a} M={m} N={n} K={k} {what}: {type(e).__name__}: {e}"[-300:])
-    torch.cuda.synchronize()
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
     return errors
 
 
@@ -306,35 +307,64 @@ def _build_cuda(dev) -> dict:
     return dict(threads=threads, seconds=done)
 
 
-def section_warmup(dev, args) -> dict:
-    if dev.type != "cuda":
-        return dict(skipped="cpu")
-    import multiprocessing as mp
-    cuda_build = _build_cuda(dev)
-    shapes, ms, weights, acts, gs = kernel_plan(args, True)
-    e2e_ms = [1, 4, 16, args.prompt, 16 * args.prompt]  # decode steps and prefills of the end-to-end runs
+def warmup_items(args, cuda: bool) -> list[tuple]:
+    """Every launch the later steps make, once: (m, n, k, wname, bits, balanced, a, gs, dtype, what)."""
+    shapes, ms, weights, acts, gs = kernel_plan(args, cuda)
     fp16 = torch.float16
     wanted = [(m, n, k, w, b, bal, a, gs, fp16, "timed") for (n, k) in shapes for m in ms
               for w, b, bal in weights for a in acts]
-    wanted += [(m, n, k, w, b, bal, a, gs, fp16, "timed") for (n, k) in LLAMA_SHAPES for m in e2e_ms
-               for w, b, bal in WEIGHTS if w in ("W8", "W4", "W3", "W2", "W2*") for a in (16, 8)]
-    wanted += [(*c, "checked") for c in correctness_plan(args, True)]
+    if cuda:  # the decode steps and prefills of the end-to-end runs
+        e2e_ms = [1, 4, 16, args.prompt, 16 * args.prompt]
+        wanted += [(m, n, k, w, b, bal, a, gs, fp16, "timed") for (n, k) in LLAMA_SHAPES for m in e2e_ms
+                   for w, b, bal in WEIGHTS if w in ("W8", "W4", "W3", "W2", "W2*") for a in (16, 8)]
+    wanted += [(*c, "checked") for c in correctness_plan(args, cuda)]
     weight = {w: (b, bal) for w, b, bal in WEIGHTS}
     for scheme, label, _ in sweep_plan(args):
-        qs = parse_scheme(scheme)
         w = scheme.split("A")[0]
-        wanted.append((1, 8192, 8192, w, *weight[w], qs.act.bits, gs, fp16, label))
-    # one worker per scheme family (same width, activation bits and dtype): the launches that share compiled
-    # variants meet in the same process and compile once; families are dealt largest first
+        wanted.append((1, *shapes[0], w, *weight[w], parse_scheme(scheme).act.bits, gs, fp16, label))
+    return list(dict.fromkeys(wanted))
+
+
+def warmup_chunks(items: list[tuple], workers: int, args, cuda: bool) -> list[list[tuple]]:
+    """One worker per scheme family (same width, activation bits and dtype), so that launches sharing compiled
+    variants meet in one process and compile once; families are dealt largest first. Each worker goes in the order
+    the later steps need its launches, so that a warm-up cut by its timeout leaves the least needed ones to compile
+    on first use: the checks, the sweep, then the kernel blocks in their order (the end-to-end decode and batch-1
+    prefill shapes after the first five blocks)."""
     families: dict[tuple, list] = {}
-    for item in dict.fromkeys(wanted):
+    for item in items:
         families.setdefault((item[4], item[5], item[6], item[8]), []).append(item)
-    workers = max(1, min(12, (os.cpu_count() or 4) - 2, len(families)))
-    chunks: list[list] = [[] for _ in range(workers)]
+    chunks: list[list] = [[] for _ in range(max(1, min(workers, len(families))))]
     for fam in sorted(families.values(), key=len, reverse=True):
         min(chunks, key=len).extend(fam)
+    shapes, ms = kernel_plan(args, cuda)[:2]
+    rank = {(n, k, m): i for i, (n, k, m) in enumerate(kernel_blocks(shapes, ms))}
+
+    def priority(item) -> int:
+        m, n, k, what = item[0], item[1], item[2], item[9]
+        if what == "checked":
+            return 0
+        if what != "timed":
+            return 1
+        if (n, k, m) in rank:
+            return 2 + rank[(n, k, m)]
+        return 7 if m in (1, 4, args.prompt) else 2 + len(rank)
+    return [sorted(c, key=priority) for c in chunks]
+
+
+def section_warmup(dev, args) -> dict:
+    cuda = dev.type == "cuda"
+    items = warmup_items(args, cuda)
+    if not cuda:  # the dry run: the worker's code in this process, on the tiny plan (its compiles mean nothing)
+        t = time.time()
+        errors = _warm_worker(items, device="cpu")
+        log(f"warmup (CPU, in process): {len(items)} launches in {time.time() - t:.0f}s, errors: {errors}")
+        return dict(items=len(items), workers=0, seconds=round(time.time() - t, 1), errors=errors)
+    import multiprocessing as mp
+    cuda_build = _build_cuda(dev)
+    chunks = warmup_chunks(items, min(12, (os.cpu_count() or 4) - 2), args, cuda)
     t = time.time()
-    with mp.get_context("spawn").Pool(workers) as pool:
+    with mp.get_context("spawn").Pool(len(chunks)) as pool:
         # a worker killed by a CUDA fault would make a plain map wait forever: bound it
         pending = pool.map_async(_warm_worker, chunks)
         try:
@@ -345,9 +375,9 @@ def section_warmup(dev, args) -> dict:
     triton_s = time.time() - t
     for th in cuda_build.pop("threads", []):
         th.join()
-    log(f"warmup: {sum(map(len, chunks))} launches in {workers} processes, {triton_s:.0f}s, {len(errors)} errors; "
+    log(f"warmup: {len(items)} launches in {len(chunks)} processes, {triton_s:.0f}s, {len(errors)} errors; "
         f"nvcc builds: {cuda_build}")
-    return dict(items=sum(map(len, chunks)), workers=workers, seconds=round(time.time() - t, 1), errors=errors,
+    return dict(items=len(items), workers=len(chunks), seconds=round(time.time() - t, 1), errors=errors,
                 cuda_build=cuda_build)
 
 

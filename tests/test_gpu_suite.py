@@ -109,3 +109,21 @@ def test_cpu_dry_run_end_to_end(tmp_path):
     assert any(r.get("kernel") == "triton" and "us" in r for r in data["kernels"]["rows"])
     assert all("tokens_per_s" in r for r in data["e2e"]["rows"])
     assert "## Targets (issue 4)" in (tmp_path / "results.md").read_text()
+
+
+def test_warmup_covers_every_step_once_and_keeps_families_together():
+    args = GS.parse_args(["--out", "/tmp/x"])
+    items = GS.warmup_items(args, cuda=True)
+    assert len(items) == len(set(items))
+    whats = {it[9] for it in items}
+    assert {"timed", "checked"} <= whats and {label for _, label, _ in GS.sweep_plan(args)} <= whats
+    grid = {(it[1], it[2], it[0]) for it in items if it[9] == "timed"}
+    assert set(GS.kernel_blocks(GS.SHAPES, GS.MS)) <= grid  # every timed block is compiled ahead
+    chunks = GS.warmup_chunks(items, 12, args, cuda=True)
+    assert sorted(x for c in chunks for x in c) == sorted(items)
+    owner = {}
+    for i, c in enumerate(chunks):
+        for it in c:
+            assert owner.setdefault((it[4], it[5], it[6], it[8]), i) == i  # a family stays in one worker
+        first_timed = next(j for j, it in enumerate(c) if it[9] not in ("checked",))
+        assert all(it[9] == "checked" for it in c[:first_timed])  # the checks come first

@@ -326,14 +326,14 @@ def warmup_items(args, cuda: bool) -> list[tuple]:
 
 
 def warmup_chunks(items: list[tuple], workers: int, args, cuda: bool) -> list[list[tuple]]:
-    """One worker per scheme family (same width, activation bits and dtype), so that launches sharing compiled
+    """One worker per scheme family (same storage width, activation bits and dtype), so that launches sharing compiled
     variants meet in one process and compile once; families are dealt largest first. Each worker goes in the order
     the later steps need its launches, so that a warm-up cut by its timeout leaves the least needed ones to compile
     on first use: the checks, the sweep, then the kernel blocks in their order (the end-to-end decode and batch-1
     prefill shapes after the first five blocks)."""
     families: dict[tuple, list] = {}
-    for item in items:
-        families.setdefault((item[4], item[5], item[6], item[8]), []).append(item)
+    for item in items:  # (storage bits: W2* is stored in 3 bits and runs W3's kernels)
+        families.setdefault((item[4] + item[5], item[6], item[8]), []).append(item)
     chunks: list[list] = [[] for _ in range(max(1, min(workers, len(families))))]
     for fam in sorted(families.values(), key=len, reverse=True):
         min(chunks, key=len).extend(fam)

@@ -124,6 +124,6 @@ def test_warmup_covers_every_step_once_and_keeps_families_together():
     owner = {}
     for i, c in enumerate(chunks):
         for it in c:
-            assert owner.setdefault((it[4], it[5], it[6], it[8]), i) == i  # a family stays in one worker
+            assert owner.setdefault((it[4] + it[5], it[6], it[8]), i) == i  # a family stays in one worker
         first_timed = next(j for j, it in enumerate(c) if it[9] not in ("checked",))
         assert all(it[9] == "checked" for it in c[:first_timed])  # the checks come first

@@ -43,6 +43,8 @@ SHAPES = [(8192, 8192), (4096, 4096), (11008, 4096), (4096, 11008)]
 MS = [1, 4, 16, 64, 256, 2048]  # (kernel_blocks orders the blocks: the targets' first)
 # The decode sweep (sweep_plan) on these schemes: the GEMVs' untimed alternatives, beside the defaults
 SWEEP_SCHEMES = ["W4A16", "W2A16", "W2A8", "W8A8"]
+# Per-channel W8A8 and W4A8 (the usual SmoothQuant-style setting) beside the grid's group size, at these M
+PC_WEIGHTS, PC_MS = ("W8", "W4"), (1, 2048)
 E2E_VARIANTS = ["fp16", "W8A8", "W4A16", "W4A8", "W3A8", "W2A8", "W2*A8"]
 E2E_CUDA = ["W4A16", "W2A8", "W8A8", "W4A8"]  # batch 1 with decode on the CUDA GEMV (weights held once)
 E2E_KPACKED = ["W4A16", "W2A8"]  # weights held once, every M from the k-packed layout (the Triton kernels)
@@ -317,6 +319,9 @@ def warmup_items(args, cuda: bool) -> list[tuple]:
         e2e_ms = [1, 4, 16, args.prompt, 16 * args.prompt]
         wanted += [(m, n, k, w, b, bal, a, gs, fp16, "timed") for (n, k) in LLAMA_SHAPES for m in e2e_ms
                    for w, b, bal in WEIGHTS if w in ("W8", "W4", "W3", "W2", "W2*") for a in (16, 8)]
+    if gs:
+        wanted += [(m, n, k, w, int(w[1]), False, 8, 0, fp16, "timed") for (n, k) in shapes for m in ms
+                   if m in PC_MS for w in PC_WEIGHTS]
     wanted += [(*c, "checked") for c in correctness_plan(args, cuda)]
     weight = {w: (b, bal) for w, b, bal in WEIGHTS}
     for scheme, label, _ in sweep_plan(args):
@@ -564,21 +569,25 @@ def section_kernels(dev, args, ceil: dict, res: Results) -> dict:
             del ws, xs
         fp16 = base["torch float16"]
         spent["baselines"] = time.time() - t_block
-        # ---- ours (+ peers) for every scheme; one set of weights per width serves A16, A8 and A4
-        for wname, bits, balanced in weights:
+        # ---- ours (+ peers) for every scheme; one set of weights per width serves A16, A8 and A4. Where the
+        # grid's group size is not per channel, W8A8 and W4A8 also run per channel (scheme 'W8A8 pc') at PC_MS
+        jobs = [(wname, bits, balanced, gs, acts, "") for wname, bits, balanced in weights]
+        if gs and m in PC_MS:
+            jobs += [(w, int(w[1]), False, 0, (8,), " pc") for w in PC_WEIGHTS]
+        for wname, bits, balanced, gs_, acts_, suffix in jobs:
             t0 = time.time()
             sbits = bits + 1 if balanced else bits
-            groups = 1 if gs == 0 else -(-k // gs)
+            groups = 1 if gs_ == 0 else -(-k // gs_)
             wbytes = n * (-(-k // 32)) * 4 * sbits + n * groups * 3
             c = copies_needed(wbytes, cuda)
-            wspec = WeightSpec(bits, balanced=balanced, group_size=gs)
+            wspec = WeightSpec(bits, balanced=balanced, group_size=gs_)
             base_layers = [llama.random_quant_linear(k, n, LayerSpec(wspec), dev, seed=i) for i in range(c)]
             xs = [torch.randn(m, k, device=dev, dtype=torch.float16) for _ in range(c)]
             nbytes = wbytes + 2 * (m * k + m * n)
             spent["layers"] = spent.get("layers", 0.0) + time.time() - t0
-            for a in acts:
+            for a in acts_:
                 layers = [llama.with_act(L, ActSpec(a)) for L in base_layers]
-                scheme = f"{wname}A{a}"
+                scheme = f"{wname}A{a}{suffix}"
                 for kern in SK.timed_for(m, a, layers[0], dev):
                     t0 = time.time()
                     try:
@@ -590,7 +599,7 @@ def section_kernels(dev, args, ceil: dict, res: Results) -> dict:
                                    vs_fp16=round(fp16 / t["s"], 3), **roofline(nbytes, flops, t["s"], ceil, a != 16))
                         if kern.name == "triton":  # which path `auto` took
                             row["config"] = ("kp_gemv" if KL.use_gemv(xs[0]) else "dense" if DP.use_dense(xs[0])
-                                             else str(TL.default_config(m, n, k, gs, a != 16, dev)))
+                                             else str(TL.default_config(m, n, k, gs_, a != 16, dev)))
                         rows.append(row)
                     except Exception as e:  # noqa: BLE001  (record and go on)
                         rows.append(dict(kernel=kern.name, scheme=scheme, m=m, n=n, k=k,
@@ -598,14 +607,14 @@ def section_kernels(dev, args, ceil: dict, res: Results) -> dict:
                     spent[kern.name] = spent.get(kern.name, 0.0) + time.time() - t0
                 if peer and cuda:
                     t0 = time.time()
-                    pr = peers.time_peer(scheme, bits, balanced, a, gs, m, n, k, c, dev, lambda fns: timed(fns, m))
+                    pr = peers.time_peer(scheme, bits, balanced, a, gs_, m, n, k, c, dev, lambda fns: timed(fns, m))
                     if pr is not None:
                         pr.update(m=m, n=n, k=k, vs_fp16=round(fp16 / pr["s"], 3) if "s" in pr else None)
                         if "s" in pr:
                             pr.update(us=pr["s"] * 1e6, **roofline(nbytes, flops, pr["s"], ceil, a != 16))
                         rows.append(pr)
                     spent["peer"] = spent.get("peer", 0.0) + time.time() - t0
-                if cuda and m == 1 and (n, k) == shapes[0]:
+                if cuda and m == 1 and (n, k) == shapes[0] and not suffix:
                     sweep += _sweep_rows(args, scheme, layers, xs, timed, fp16)
             CU._PLANES.clear()
             del base_layers, layers, xs
@@ -859,18 +868,18 @@ def _render_targets(rows) -> list[str]:
     def find(kernel, scheme, m, n, k):
         hit = [r for r in rows if r.get("kernel") == kernel and r.get("scheme", "").startswith(scheme)
                and r["m"] == m and r["n"] == n and r["k"] == k and "us" in r]
-        return hit[0]["us"] if hit else None
+        return min(((r["us"], r["scheme"]) for r in hit), default=(None, None))
     for what, scheme, m, nk, base, factor in TARGETS:
         shapes = [nk] if nk else SHAPES
         parts, met = [], []
         for n, k in shapes:
-            ours = [(find(kern, scheme, m, n, k), kern) for kern in OURS]
+            ours = [(*find(kern, scheme, m, n, k), kern) for kern in OURS]
             ours = [o for o in ours if o[0]]
-            ref = find(base, "W", m, n, k)
+            ref = find(base, "W", m, n, k)[0]
             if ours and ref:
-                us, kern = min(ours)
+                us, label, kern = min(ours)
                 speed = ref / us
-                parts.append(f"{n}x{k}: {speed:.2f}x ({kern})")
+                parts.append(f"{n}x{k}: {speed:.2f}x ({kern}{', ' + label.split(' ', 1)[1] if ' ' in label else ''})")
                 met.append(speed >= factor)
         out.append(f"| {what} | {', '.join(parts) or 'not measured'} | "
                    f"{'yes' if met and all(met) else 'no' if met else '-'} |")

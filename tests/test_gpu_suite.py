@@ -91,9 +91,15 @@ def test_kernel_targets_take_our_best_row():
     rows = [dict(kernel="torch float16", scheme="W16A16", m=1, n=8192, k=8192, us=40.0),
             dict(kernel="triton", scheme="W4A16", m=1, n=8192, k=8192, us=20.0),
             dict(kernel="cuda-gemv", scheme="W4A16", m=1, n=8192, k=8192, us=15.0)]
+    rows += [dict(kernel="torch _int_mm", scheme="W8A8 (int8 GEMM only)", m=2048, n=n, k=k, us=100.0)
+             for n, k in GS.SHAPES]
+    rows += [dict(kernel="triton", scheme="W8A8", m=2048, n=n, k=k, us=200.0) for n, k in GS.SHAPES]
+    rows += [dict(kernel="triton-dense", scheme="W8A8 pc", m=2048, n=n, k=k, us=110.0) for n, k in GS.SHAPES]
     text = "\n".join(GS._render_targets(rows))
     assert "| M=1, 8192^2: W4A16 >= 2.5x fp16 | 8192x8192: 2.67x (cuda-gemv) | yes |" in text
     assert "| M=1, 8192^2: W8A8 >= 1.8x fp16 | not measured | - |" in text
+    assert "8192x8192: 0.91x (triton-dense, pc)" in text  # the per-channel row is the best, and says so
+    assert "| M=2048: W8A8 >= 0.8x _int_mm | " in text and "| M=2048: W4A8 >= 0.8x _int_mm | not measured | - |" in text
 
 
 def test_cpu_dry_run_end_to_end(tmp_path):

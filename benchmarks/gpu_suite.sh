@@ -12,7 +12,7 @@
 #                  sweep, the targets' blocks first
 #        e2e       end-to-end decode of a Llama-2-7B-shaped model (batch 1 first)
 # Everything lands in $OUT (default out/gpu_suite): env.txt, pytest_gpu.txt, suite.log, results.json,
-# results.md. Extra arguments go to every gpu_suite.py step (e.g. --quick, --layers 16).
+# results.md, and the derived dispatch table (dispatch_table.json, dispatch.md). Extra arguments go to every gpu_suite.py step (e.g. --quick, --layers 16).
 # On the device machine:  bash benchmarks/gpu_suite.sh     (name .whl in carry for GemLite; timeout_s >= DEADLINE + 40)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -73,4 +73,8 @@ data = json.load(open(f"{out}/results.json"))
 open(f"{out}/results.md", "w").write(render(data))
 print("\n".join(_render_targets(data.get("kernels", {}).get("rows", []))))
 PYEOF
+# the measured dispatch table for `auto` on this GPU (abqllm/kernels/dispatch_table.py): review dispatch.md, then
+# copy dispatch_table.json into abqllm/kernels/tables/ with the results it names
+"$PY" benchmarks/gpu/derive_dispatch.py "$OUT/results.json" --out "$OUT/dispatch_table.json" --md "$OUT/dispatch.md" \
+  > /dev/null 2> "$OUT/dispatch.err" && echo "dispatch table: $(grep -c '^| W' "$OUT/dispatch.md") rules in dispatch.md"
 echo "done at $((SECONDS - START))s; results in $OUT"

@@ -115,6 +115,9 @@ def test_cpu_dry_run_end_to_end(tmp_path):
     assert any(r.get("kernel") == "triton" and "us" in r for r in data["kernels"]["rows"])
     assert all("tokens_per_s" in r for r in data["e2e"]["rows"])
     assert "## Targets (issue 4)" in (tmp_path / "results.md").read_text()
+    from benchmarks.gpu import derive_dispatch
+    table, _ = derive_dispatch.derive(data)  # the step that ends gpu_suite.sh (CPU timings: the rules mean nothing)
+    assert table["rules"] and all(r["kernel"] in SK.OURS for r in table["rules"])
 
 
 def test_warmup_covers_every_step_once_and_keeps_families_together():

@@ -2,8 +2,9 @@
 
 An implementation registers the op it serves, a name, a priority and a `supports(layer, device)`
 predicate. The choice is explicit: a layer asks for `auto` (highest-priority implementation that
-supports it) or a name (`reference`, `torch`, `triton`, `cuda`, ...), and a named choice that
-cannot serve the layer is an error, never a silent fallback. Each choice is logged once.
+supports it, or on a GPU with a measured dispatch table the fastest one there: kernels/dispatch_table.py) or a name
+(`reference`, `torch`, `triton`, `cuda`, ...), and a named choice that cannot serve the layer is an error, never a
+silent fallback. Each choice is logged once.
 """
 
 from __future__ import annotations
@@ -44,13 +45,20 @@ def available(op: str) -> list[str]:
     return sorted(_REGISTRY.get(op, {}), key=lambda n: -_REGISTRY[op][n].priority)
 
 
-def select(op: str, preference: str, layer, device: torch.device) -> Kernel:
+def select(op: str, preference: str, layer, device: torch.device, rows: int | None = None) -> Kernel:
+    """`rows`: the input's rows (M), when known: on a GPU with a measured dispatch table (dispatch_table.py), `auto`
+    takes the kernel that table found fastest for the layer's scheme at that many rows."""
     impls = _REGISTRY.get(op, {})
     if preference == "auto":
         usable = [k for k in impls.values() if k.supports(layer, device)]
         if not usable:
             raise AbqError(f"no {op} kernel supports this layer on {device}; available: {available(op)}")
         kernel = max(usable, key=lambda k: k.priority)
+        if op == "linear" and rows is not None and device.type == "cuda":
+            from abqllm.kernels import dispatch_table
+            measured = impls.get(dispatch_table.choose(layer, device, rows) or "")
+            if measured is not None and measured in usable:
+                kernel = measured
     else:
         kernel = impls.get(preference)
         if kernel is None:

@@ -98,7 +98,8 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.rotated_input(x)
-        return registry.select("linear", self.kernel, self, x.device).fn(self, x)
+        rows = x.numel() // max(1, x.shape[-1])
+        return registry.select("linear", self.kernel, self, x.device, rows).fn(self, x)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, scheme={self.spec.name}, "

@@ -1,0 +1,100 @@
+"""Measured kernel choice for `auto` on a GPU: per-device tables derived from GPU suite runs.
+
+`auto` takes the highest-priority kernel that supports a layer. On a GPU that has a table here
+(abqllm/kernels/tables/*.json, matched by `torch.cuda.get_device_name`), it takes instead the kernel which that
+device's suite run measured fastest for the layer's scheme class at that many input rows, as long as that kernel
+supports the layer. A scheme class or device the table does not cover keeps the priority order.
+
+A scheme class is (storage bits, activation bits, per channel or grouped): W2* (stored in 3 bits) shares W3's
+kernels, and every group size counts as grouped (the suite measures g128). A rule covers the rows up to its `m_max`
+and above the previous rule's; rows above the last rule take the last rule.
+
+Tables are written by benchmarks/gpu/dispatch_table.py from a suite run's results.json, and name that run.
+Environment: ABQLLM_DISPATCH_TABLE=off ignores the tables; ABQLLM_DISPATCH_TABLE=/path/table.json uses that file
+for every GPU.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+TABLES = Path(__file__).with_name("tables")
+
+
+@dataclass(frozen=True)
+class Rule:
+    storage_bits: int
+    act_bits: int
+    per_channel: bool
+    m_max: int
+    kernel: str
+
+
+def scheme_class(layer) -> tuple[int, int, bool]:
+    spec = layer.spec
+    return spec.weight.storage_bits, spec.act.bits, spec.weight.group_size == 0
+
+
+def parse(table: dict) -> dict[tuple[int, int, bool], list[Rule]]:
+    """Rules by scheme class, sorted by m_max; refuses a malformed table."""
+    out: dict[tuple[int, int, bool], list[Rule]] = {}
+    for r in table.get("rules", []):
+        rule = Rule(int(r["storage_bits"]), int(r["act_bits"]), bool(r["per_channel"]), int(r["m_max"]),
+                    str(r["kernel"]))
+        if rule.m_max < 1:
+            raise ValueError(f"dispatch table rule {r}: m_max must be >= 1")
+        out.setdefault((rule.storage_bits, rule.act_bits, rule.per_channel), []).append(rule)
+    for rules in out.values():
+        rules.sort(key=lambda r: r.m_max)
+    return out
+
+
+def lookup(rules: dict[tuple[int, int, bool], list[Rule]], cls: tuple[int, int, bool], rows: int) -> str | None:
+    chain = rules.get(cls)
+    if not chain:
+        return None
+    return next((r.kernel for r in chain if rows <= r.m_max), chain[-1].kernel)
+
+
+def _load() -> list[tuple[str, dict]]:
+    setting = os.environ.get("ABQLLM_DISPATCH_TABLE", "")
+    if setting.lower() == "off":
+        return []
+    files = [Path(setting)] if setting else sorted(TABLES.glob("*.json"))
+    out = []
+    for f in files:
+        table = json.loads(f.read_text())
+        out.append(("*" if setting else table["device"], parse(table)))
+    return out
+
+
+# device index -> that device's rules (None: no table). Plain dicts, filled on first use outside tracing, so that the
+# lookup under torch.compile is ordinary Python that dynamo can trace.
+_BY_DEVICE: dict[int, dict | None] = {}
+
+
+def reset() -> None:
+    """Forget loaded tables (after changing ABQLLM_DISPATCH_TABLE or the files)."""
+    _BY_DEVICE.clear()
+
+
+def _rules_for(index: int) -> dict | None:
+    if index not in _BY_DEVICE:
+        name = torch.cuda.get_device_name(index)
+        _BY_DEVICE[index] = next((rules for dev, rules in _load() if dev in ("*", name)), None)
+    return _BY_DEVICE[index]
+
+
+def choose(layer, device: torch.device, rows: int) -> str | None:
+    """The measured-fastest kernel's name for this layer at `rows` input rows on `device`, or None."""
+    if device.type != "cuda" or rows < 1:
+        return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _BY_DEVICE and torch.compiler.is_compiling():
+        return None  # (not loaded yet: keep file and device queries out of the traced code)
+    rules = _rules_for(index)
+    return None if rules is None else lookup(rules, scheme_class(layer), rows)

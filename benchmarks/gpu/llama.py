@@ -40,28 +40,30 @@ LLAMA2_7B = Shape()
 
 def random_quant_linear(k: int, n: int, spec: LayerSpec, device, kernel: str = "auto", seed: int = 0) -> QuantLinear:
     """A QuantLinear with random packed codes (any bit pattern is a valid code), scales ~ 1e-2 and random zeros."""
-    layer = QuantLinear(k, n, spec, dtype=torch.float16, kernel=kernel)
+    with torch.device("meta"):  # every buffer is replaced below: allocate nothing for the placeholders
+        layer = QuantLinear(k, n, spec, dtype=torch.float16, kernel=kernel)
     g = torch.Generator(device=device).manual_seed(seed)
     words = padded_k(k) // 32 * spec.weight.storage_bits
     layer.qweight = torch.randint(-2 ** 31, 2 ** 31 - 1, (n, words), dtype=torch.int32, device=device, generator=g)
     groups = layer.scales.shape[1]
     layer.scales = (torch.rand(n, groups, device=device, generator=g) * 1e-2 + 5e-3).half()
     layer.zeros = torch.randint(0, spec.weight.qmax + 1, (n, groups), device=device, generator=g).to(torch.uint8)
-    if hasattr(layer, "act_scale"):
-        layer.act_scale = layer.act_scale.to(device)
-        layer.act_zero = layer.act_zero.to(device)
+    if hasattr(layer, "act_scale"):  # a static activation range: QuantLinear's defaults
+        layer.act_scale = torch.ones(1, device=device)
+        layer.act_zero = torch.zeros(1, device=device)
     return layer
 
 
 def with_act(layer: QuantLinear, act: ActSpec) -> QuantLinear:
     """The same packed weights under another activation scheme, shared, not copied: the GPU suite times A16, A8
     and A4 on one set of weights, and their kernel layouts (k-packed, bit planes) are built once."""
-    twin = QuantLinear(layer.in_features, layer.out_features, replace(layer.spec, act=act), dtype=torch.float16,
-                       kernel=layer.kernel)
+    with torch.device("meta"):  # placeholders only: the buffers are the layer's own
+        twin = QuantLinear(layer.in_features, layer.out_features, replace(layer.spec, act=act), dtype=torch.float16,
+                           kernel=layer.kernel)
     twin.qweight, twin.scales, twin.zeros, twin.bias = layer.qweight, layer.scales, layer.zeros, layer.bias
     if hasattr(twin, "act_scale"):
-        twin.act_scale = twin.act_scale.to(layer.qweight.device)
-        twin.act_zero = twin.act_zero.to(layer.qweight.device)
+        twin.act_scale = torch.ones(1, device=layer.qweight.device)
+        twin.act_zero = torch.zeros(1, device=layer.qweight.device)
     twin._kernel_cache = layer._kernel_cache  # keyed by the weight tensors' identity and version: valid for both
     return twin
 

@@ -35,20 +35,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTIONS = ("env", "warmup", "ceilings", "sass", "correctness", "kernels", "e2e")
-WEIGHTS = [("W1", 1, False), ("W2", 2, False), ("W2*", 2, True), ("W3", 3, False), ("W4", 4, False),
-           ("W5", 5, False), ("W6", 6, False), ("W7", 7, False), ("W8", 8, False)]
-ACTS = [16, 8, 4]
-# In priority order (the targets first), in case the time budget cuts the kernel section short.
-SHAPES = [(8192, 8192), (4096, 4096), (11008, 4096), (4096, 11008)]
-MS = [1, 4, 16, 64, 256, 2048]  # (kernel_blocks orders the blocks: the targets' first)
-# The decode sweep (sweep_plan) on these schemes: the GEMVs' untimed alternatives, beside the defaults
-SWEEP_SCHEMES = ["W4A16", "W2A16", "W2A8", "W8A8"]
-# Per-channel W8A8 and W4A8 (the usual SmoothQuant-style setting) beside the grid's group size, at these M
-PC_WEIGHTS, PC_MS = ("W8", "W4"), (1, 2048)
-E2E_VARIANTS = ["fp16", "W8A8", "W4A16", "W4A8", "W3A8", "W2A8", "W2*A8"]
-E2E_CUDA = ["W4A16", "W2A8", "W8A8", "W4A8"]  # batch 1 with decode on the CUDA GEMV (weights held once)
-E2E_KPACKED = ["W4A16", "W2A8"]  # weights held once, every M from the k-packed layout (the Triton kernels)
-LLAMA_SHAPES = [(12288, 4096), (4096, 4096), (22016, 4096), (4096, 11008)]  # qkv, o, gate_up, down (llama.py)
 
 
 def parse_args(argv=None):
@@ -98,7 +84,9 @@ from abqllm.kernels import triton_linear as TL  # noqa: E402
 from abqllm.kernels.reference import linear_reference  # noqa: E402
 from abqllm.spec import ActSpec, LayerSpec, WeightSpec, parse_scheme  # noqa: E402
 from benchmarks.gpu import llama, peers  # noqa: E402
-from benchmarks.gpu.suite_kernels import OURS as SK_OURS  # noqa: E402
+from benchmarks.gpu.suite_plan import (PC_MS, PC_WEIGHTS, correctness_plan, e2e_plan,  # noqa: E402
+                                       kernel_blocks, kernel_plan, sweep_plan, warmup_chunks, warmup_items)
+from benchmarks.gpu.suite_report import _render_targets, render  # noqa: E402
 
 T0 = time.time()
 
@@ -210,51 +198,6 @@ def section_env(dev) -> dict:
     return env
 
 
-def kernel_plan(args, cuda: bool):
-    """(shapes, ms, weights, acts, gs) that the kernel section times."""
-    gs = args.group_size
-    if cuda:
-        shapes, ms, weights, acts = SHAPES, MS, WEIGHTS, ACTS
-        if args.quick:
-            shapes, ms = [(8192, 8192), (4096, 4096)], [1, 2048, 16]
-            weights = [w for w in WEIGHTS if w[0] in ("W2", "W2*", "W4", "W8")]
-    else:
-        shapes, ms, acts = [(32, 64)], [1, 3], [16, 8]
-        weights = [w for w in WEIGHTS if w[0] in ("W2*", "W4")]
-        gs = min(gs, 32) if gs else 0
-    return shapes, ms, weights, acts, gs
-
-
-def sweep_plan(args) -> list[tuple]:
-    """(scheme, label, run(layer, x)) of the decode sweep (M = 1, 8192^2, right after that block is timed): the
-    untimed alternatives to the defaults of the two GEMVs (cuda_gemv.BLOCKS_PER_SM, kpacked_linear.KpConfig)."""
-    if args.quick:
-        return []
-    out = []
-    for scheme in SWEEP_SCHEMES:
-        for bps in (2, 8):
-            out.append((scheme, f"cuda-gemv {bps} blocks/SM",
-                        lambda L, x, b=bps: CG.cuda_gemv(x, **KL.layer_kp_args(L), blocks_per_sm=b)))
-        for cfg in (KL.KpConfig(warps_per_sm=32), KL.KpConfig(bn=2048, num_warps=8)):
-            out.append((scheme, f"kp_gemv {cfg.bn}x{cfg.bw} {cfg.num_warps} warps, {cfg.warps_per_sm} warps/SM",
-                        lambda L, x, c=cfg: KL.kp_gemv(x, **KL.layer_kp_args(L), config=c)))
-    return out
-
-
-def kernel_blocks(shapes, ms) -> list[tuple[int, int, int]]:
-    """(n, k, m) in priority order, in case the time budget cuts the section short: the targets' blocks first
-    (the first shape at M = 1, every shape at the largest M), then the rest of the first shape, then the others."""
-    first, big = shapes[0], max(ms)
-    order = [(*first, ms[0])] + [(n, k, big) for n, k in shapes]
-    order += [(n, k, m) for n, k in shapes for m in ms]
-    seen, out = set(), []
-    for b in order:
-        if b not in seen:
-            seen.add(b)
-            out.append(b)
-    return out
-
-
 def _warm_worker(items: list, device: str = "cuda") -> list:
     """Run each launch once (in a fresh process): compiles it into Triton's disk cache. An item is
     (m, n, k, wname, bits, balanced, a, gs, dtype, what): what = 'timed' (our timed Triton kernels at this M, and the
@@ -307,54 +250,6 @@ def _build_cuda(dev) -> dict:
     for th in threads:
         th.start()
     return dict(threads=threads, seconds=done)
-
-
-def warmup_items(args, cuda: bool) -> list[tuple]:
-    """Every launch the later steps make, once: (m, n, k, wname, bits, balanced, a, gs, dtype, what)."""
-    shapes, ms, weights, acts, gs = kernel_plan(args, cuda)
-    fp16 = torch.float16
-    wanted = [(m, n, k, w, b, bal, a, gs, fp16, "timed") for (n, k) in shapes for m in ms
-              for w, b, bal in weights for a in acts]
-    if cuda:  # the decode steps and prefills of the end-to-end runs
-        e2e_ms = [1, 4, 16, args.prompt, 16 * args.prompt]
-        wanted += [(m, n, k, w, b, bal, a, gs, fp16, "timed") for (n, k) in LLAMA_SHAPES for m in e2e_ms
-                   for w, b, bal in WEIGHTS if w in ("W8", "W4", "W3", "W2", "W2*") for a in (16, 8)]
-    if gs:
-        wanted += [(m, n, k, w, int(w[1]), False, 8, 0, fp16, "timed") for (n, k) in shapes for m in ms
-                   if m in PC_MS for w in PC_WEIGHTS]
-    wanted += [(*c, "checked") for c in correctness_plan(args, cuda)]
-    weight = {w: (b, bal) for w, b, bal in WEIGHTS}
-    for scheme, label, _ in sweep_plan(args):
-        w = scheme.split("A")[0]
-        wanted.append((1, *shapes[0], w, *weight[w], parse_scheme(scheme).act.bits, gs, fp16, label))
-    return list(dict.fromkeys(wanted))
-
-
-def warmup_chunks(items: list[tuple], workers: int, args, cuda: bool) -> list[list[tuple]]:
-    """One worker per scheme family (same storage width, activation bits and dtype), so that launches sharing compiled
-    variants meet in one process and compile once; families are dealt largest first. Each worker goes in the order
-    the later steps need its launches, so that a warm-up cut by its timeout leaves the least needed ones to compile
-    on first use: the checks, the sweep, then the kernel blocks in their order (the end-to-end decode and batch-1
-    prefill shapes after the first five blocks)."""
-    families: dict[tuple, list] = {}
-    for item in items:  # (storage bits: W2* is stored in 3 bits and runs W3's kernels)
-        families.setdefault((item[4] + item[5], item[6], item[8]), []).append(item)
-    chunks: list[list] = [[] for _ in range(max(1, min(workers, len(families))))]
-    for fam in sorted(families.values(), key=len, reverse=True):
-        min(chunks, key=len).extend(fam)
-    shapes, ms = kernel_plan(args, cuda)[:2]
-    rank = {(n, k, m): i for i, (n, k, m) in enumerate(kernel_blocks(shapes, ms))}
-
-    def priority(item) -> int:
-        m, n, k, what = item[0], item[1], item[2], item[9]
-        if what == "checked":
-            return 0
-        if what != "timed":
-            return 1
-        if (n, k, m) in rank:
-            return 2 + rank[(n, k, m)]
-        return 7 if m in (1, 4, args.prompt) else 2 + len(rank)
-    return [sorted(c, key=priority) for c in chunks]
 
 
 def section_warmup(dev, args) -> dict:
@@ -429,11 +324,6 @@ def section_sass(dev) -> dict:
     return dict(library=str(lib), arch=arch, mma_ops=ops)
 
 
-def _spec(wname: str, abits: int, gs: int) -> LayerSpec:
-    bits, balanced = int(wname[1]), wname.endswith("*")
-    return LayerSpec(WeightSpec(bits, balanced=balanced, group_size=gs), ActSpec(abits))
-
-
 def _check(y: torch.Tensor, ref: torch.Tensor, dtype, slack: torch.Tensor | float = 0.0) -> dict:
     """The kernel tolerance; `slack` widens it (e.g. by the rounding of weights to the activation dtype)."""
     rtol, atol = {torch.float16: (2.0 ** -10, 1e-4), torch.bfloat16: (2.0 ** -7, 1e-3)}[dtype]
@@ -444,23 +334,6 @@ def _check(y: torch.Tensor, ref: torch.Tensor, dtype, slack: torch.Tensor | floa
     ratio = float((err / bound).max()) if finite else float("inf")
     return dict(ok=finite and ratio <= 1.0, worst_ratio=round(ratio, 4),
                 rel_err=float((y - ref).norm() / ref.norm()) if finite else None)
-
-
-def correctness_plan(args, cuda: bool) -> list[tuple]:
-    """(m, n, k, wname, bits, balanced, a, gs, dtype) checks: every WpAq x A at the timed group size, shape
-    class and split (N = 256, K = 4096, M = 1 / 16 / 64), then odd shapes: K = 576 (SmolLM2; unaligned rows for
-    odd widths, a last group of 64 at g128) per group and per channel, bf16, symmetric activations."""
-    if not cuda:
-        return [(m, 24, 96, w, b, bal, a, 32, torch.float16) for w, b, bal in WEIGHTS if w in ("W2*", "W4", "W8")
-                for a in (16, 8) for m in (1, 3)]
-    gs = args.group_size
-    weights = WEIGHTS if not args.quick else [w for w in WEIGHTS if w[0] in ("W2*", "W4", "W8")]
-    plan = [(m, 256, 4096, w, b, bal, a, gs, torch.float16) for w, b, bal in weights for a in ACTS for m in (1, 16, 64)]
-    for w, b, bal in [x for x in WEIGHTS if x[0] in ("W2*", "W3", "W4", "W8")]:
-        for a in (16, 8):
-            for m, g, dt in ((1, 128, torch.float16), (33, 0, torch.float16), (5, 128, torch.bfloat16)):
-                plan.append((m, 200, 576, w, b, bal, a, g, dt))
-    return plan
 
 
 def section_correctness(dev, args) -> dict:
@@ -642,21 +515,6 @@ def _sweep_rows(args, scheme: str, layers, xs, timed, fp16: float) -> list[dict]
     return out
 
 
-def e2e_plan(args, cuda: bool) -> list[tuple[int, str]]:
-    """(batch, variant) in priority order. A variant is a scheme, 'fp16', or scheme/mode: '/kpacked' holds each
-    layer's weights once, in the k-packed layout, and serves every M from it (keep_only_kpacked); '/cuda' does that
-    and runs decode on the CUDA GEMV ('cuda-gemv'). The plain scheme runs what `auto` picks."""
-    if not cuda:
-        return [(1, "fp16"), (1, "W2*A8"), (1, "W4A16/kpacked"), (1, "W4A8/cuda")]
-    plan = [(1, v) for v in E2E_VARIANTS] + [(1, f"{v}/cuda") for v in E2E_CUDA]
-    if not args.quick:
-        plan += [(16, v) for v in E2E_VARIANTS]
-    plan += [(1, f"{v}/kpacked") for v in E2E_KPACKED]
-    if not args.quick:
-        plan += [(16, f"{v}/kpacked") for v in E2E_KPACKED]
-    return plan
-
-
 def section_e2e(dev, args) -> dict:
     cuda = dev.type == "cuda"
     if cuda:
@@ -717,174 +575,6 @@ _BW = {}
 
 def _bw(args):
     return _BW.get("bw", 3.0e12)
-
-
-# ---- report -------------------------------------------------------------------------------------
-
-TARGETS = [  # (what, scheme, m, (n, k), baseline, factor)
-    ("M=1, 8192^2: W4A16 >= 2.5x fp16", "W4A16", 1, (8192, 8192), "torch float16", 2.5),
-    ("M=1, 8192^2: W2A16 >= 3.5x fp16", "W2A16", 1, (8192, 8192), "torch float16", 3.5),
-    ("M=1, 8192^2: W2A8 >= 3.5x fp16", "W2A8", 1, (8192, 8192), "torch float16", 3.5),
-    ("M=1, 8192^2: W8A8 >= 1.8x fp16", "W8A8", 1, (8192, 8192), "torch float16", 1.8),
-    ("M=2048: W8A8 >= 0.8x _int_mm", "W8A8", 2048, None, "torch _int_mm", 0.8),
-    ("M=2048: W4A8 >= 0.8x _int_mm", "W4A8", 2048, None, "torch _int_mm", 0.8),
-    ("M=2048: W4A16 >= 0.7x fp16", "W4A16", 2048, None, "torch float16", 0.7),
-    ("M=2048: W2A16 >= 0.7x fp16", "W2A16", 2048, None, "torch float16", 0.7),
-]
-
-
-def render(data: dict) -> str:
-    env = data.get("env", {})
-    out = [f"# GPU suite: {env.get('gpu', '?')}, {env.get('date', '?')}", "",
-           f"torch {env.get('torch')}, triton {env.get('triton')}, CUDA {env.get('cuda')}, "
-           f"{env.get('sms', '?')} SMs, L2 {env.get('l2_mib', '?')} MiB", ""]
-    c = data.get("ceilings")
-    if c:
-        out += ["## Ceilings measured in this run", "", "| ceiling | value |", "|---|---|",
-                f"| device copy bandwidth (read + write) | {c['bandwidth_Bps'] / 1e12:.2f} TB/s |",
-                f"| fp16 matmul 8192^3 | {c.get('float16_flops', 0) / 1e12:.0f} TFLOP/s |",
-                f"| bf16 matmul 8192^3 | {c.get('bfloat16_flops', 0) / 1e12:.0f} TFLOP/s |",
-                f"| int8 torch._int_mm 8192^3 | {c.get('int8_ops', 0) / 1e12:.0f} TOP/s |", ""]
-    s = data.get("sass")
-    if s:
-        out += ["## CUDA binary kernel: tensor-core instructions in the SASS", "", f"`{json.dumps(s.get('mma_ops', s))}`", ""]
-    cr = data.get("correctness")
-    if cr:
-        out += ["## Correctness (vs the float64 reference, outputs poisoned first)", "",
-                f"{cr['passed']}/{cr['total']} checks passed.", ""]
-        for r in cr["failures"][:30]:
-            out.append(f"- FAILED {r}")
-        out.append("")
-    kr = data.get("kernels")
-    if kr and kr.get("rows"):
-        out += _render_kernels(kr["rows"])
-        out += _render_targets(kr["rows"])
-        out += _render_peers(kr["rows"])
-        if kr.get("sweep"):
-            out += ["## Decode sweep (M = 1, first shape): alternatives to the GEMVs' defaults", "",
-                    "The defaults are the grid's `cuda-gemv` and `triton` rows at M = 1.", "",
-                    "| scheme | config | us | vs fp16 |", "|---|---|---|---|"]
-            for r in kr["sweep"]:
-                out.append(f"| {r['scheme']} | {r['config']} | {r.get('us', r.get('error', ''))} | "
-                           f"{r.get('vs_fp16', '')} |")
-            out.append("")
-        if kr.get("blocks"):
-            out += ["## Where the kernel section's time went (seconds per block)", "", "| N x K | M | s | spent |",
-                    "|---|---|---|---|"]
-            out += [f"| {b['n']}x{b['k']} | {b['m']} | {b['seconds']} | {b['spent']} |" for b in kr["blocks"]]
-            out.append("")
-    e2e = data.get("e2e")
-    if e2e and e2e.get("rows"):
-        out += _render_e2e_targets(e2e["rows"])
-        out += ["## End-to-end decode (random-weight Llama-2-7B shape, CUDA graph per step)", "",
-                f"shape: {e2e.get('shape')}", "",
-                "| variant | batch | tok/s | vs fp16 | ms/step | prefill s | weights GB | KV GB | peak GB | peak/(weights+KV) |",
-                "|---|---|---|---|---|---|---|---|---|---|"]
-        for r in e2e["rows"]:
-            if "error" in r:
-                out.append(f"| {r['variant']} | {r['batch']} | error: {r['error'][:80]} |||||||")
-                continue
-            gb = lambda v: f"{v / 1e9:.2f}" if v else "-"  # noqa: E731
-            out.append(f"| {r['variant']} | {r['batch']} | {r['tokens_per_s']:.1f} | {r.get('vs_fp16', '-')} | "
-                       f"{r['ms_per_step']:.2f} | {r['prefill_s']:.3f} | {gb(r['weight_bytes'])} | {gb(r['kv_bytes'])} | "
-                       f"{gb(r['peak_bytes'])} | {r.get('memory_over_weights_kv', '-')} |")
-        out.append("")
-    return "\n".join(out) + "\n"
-
-
-def _render_kernels(rows) -> list[str]:
-    out = ["## Kernel timings (median us; x = speed-up over torch fp16; roof = fraction of the memory or "
-           "tensor-core roofline, whichever bounds)", ""]
-    by_shape = {}
-    for r in rows:
-        if "us" in r:
-            by_shape.setdefault((r["n"], r["k"]), []).append(r)
-    for (n, k), rs in by_shape.items():
-        ms = sorted({r["m"] for r in rs})
-        out += [f"### N={n}, K={k}", "", "| kernel | scheme | " + " | ".join(f"M={m}" for m in ms) + " |",
-                "|---|---|" + "---|" * len(ms)]
-        keys = []
-        for r in rs:
-            if (r["kernel"], r["scheme"]) not in keys:
-                keys.append((r["kernel"], r["scheme"]))
-        for kern, scheme in keys:
-            cells = []
-            for m in ms:
-                hit = [r for r in rs if r["kernel"] == kern and r["scheme"] == scheme and r["m"] == m]
-                if hit:
-                    h = hit[0]
-                    x = f" {h['vs_fp16']}x" if h.get("vs_fp16") else ""
-                    cells.append(f"{h['us']:.1f}{x} ({h['roofline_fraction']:.2f} {h['bound'][0]})")
-                else:
-                    cells.append("")
-            out.append(f"| {kern} | {scheme} | " + " | ".join(cells) + " |")
-        out.append("")
-    return out
-
-
-E2E_TARGETS = (("W4A16", 2.5), ("W2A8", 3.5))  # batch 1, tokens/s over fp16; memory <= 1.10 (weights + KV)
-
-
-def _render_e2e_targets(rows) -> list[str]:
-    out = ["## End-to-end targets (issue 4, batch 1): tokens/s over fp16, and peak memory over packed weights + "
-           "KV cache (<= 1.10)", "", "| variant | vs fp16 (target) | peak/(weights+KV) | both met |", "|---|---|---|---|"]
-    b1 = [r for r in rows if r.get("batch") == 1 and "tokens_per_s" in r and r["variant"] != "fp16"]
-    for scheme, factor in E2E_TARGETS:
-        mine = [r for r in b1 if r["variant"].split("/")[0] == scheme]
-        if not mine:
-            out.append(f"| {scheme} | not measured (>= {factor}x) | | - |")
-        for r in mine:
-            v, mem = r.get("vs_fp16"), r.get("memory_over_weights_kv")
-            met = v is not None and mem is not None and v >= factor and mem <= 1.10
-            out.append(f"| {r['variant']} | {v} (>= {factor}x) | {mem} | {'yes' if met else 'no'} |")
-    for r in b1:
-        if r["variant"].split("/")[0] not in dict(E2E_TARGETS) and r.get("memory_over_weights_kv"):
-            out.append(f"| {r['variant']} | {r.get('vs_fp16')} | {r['memory_over_weights_kv']} | "
-                       f"{'(memory) yes' if r['memory_over_weights_kv'] <= 1.10 else '(memory) no'} |")
-    return out + [""]
-
-
-def _render_peers(rows) -> list[str]:
-    """'Every config at least as fast as the best peer kernel measured for the same bits'."""
-    peer_rows = [r for r in rows if str(r.get("kernel", "")).startswith("gemlite") and "us" in r]
-    if not peer_rows:
-        return ["## Peers", "", "No peer kernel was measured (carry a GemLite wheel: benchmarks/gpu/fetch_peer_wheels.sh).", ""]
-    out = ["## Against the best peer (same scheme, shape and M)", "", "| scheme | N x K | M | ours us | peer us | ours/peer |",
-           "|---|---|---|---|---|---|"]
-    for p in peer_rows:
-        ours = [r["us"] for r in rows if r.get("kernel") in OURS and r.get("scheme") == p["scheme"]
-                and r["m"] == p["m"] and r["n"] == p["n"] and r["k"] == p["k"] and "us" in r]
-        if ours:
-            out.append(f"| {p['scheme']} | {p['n']}x{p['k']} | {p['m']} | {min(ours):.1f} | {p['us']:.1f} | "
-                       f"{min(ours) / p['us']:.2f} |")
-    return out + [""]
-
-
-OURS = SK_OURS  # our kernels' row names (suite_kernels.TIMED); a target takes our best row
-
-
-def _render_targets(rows) -> list[str]:
-    out = ["## Targets (issue 4)", "", "| target | measured | met |", "|---|---|---|"]
-    def find(kernel, scheme, m, n, k):
-        hit = [r for r in rows if r.get("kernel") == kernel and r.get("scheme", "").startswith(scheme)
-               and r["m"] == m and r["n"] == n and r["k"] == k and "us" in r]
-        return min(((r["us"], r["scheme"]) for r in hit), default=(None, None))
-    for what, scheme, m, nk, base, factor in TARGETS:
-        shapes = [nk] if nk else SHAPES
-        parts, met = [], []
-        for n, k in shapes:
-            ours = [(*find(kern, scheme, m, n, k), kern) for kern in OURS]
-            ours = [o for o in ours if o[0]]
-            ref = find(base, "W", m, n, k)[0]
-            if ours and ref:
-                us, label, kern = min(ours)
-                speed = ref / us
-                parts.append(f"{n}x{k}: {speed:.2f}x ({kern}{', ' + label.split(' ', 1)[1] if ' ' in label else ''})")
-                met.append(speed >= factor)
-        out.append(f"| {what} | {', '.join(parts) or 'not measured'} | "
-                   f"{'yes' if met and all(met) else 'no' if met else '-'} |")
-    out.append("")
-    return out
 
 
 # ---- main ---------------------------------------------------------------------------------------

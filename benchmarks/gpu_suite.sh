@@ -67,7 +67,7 @@ step e2e 400 e2e
 "$PY" - "$OUT" <<'PYEOF'
 import json, sys
 sys.path.insert(0, ".")
-from benchmarks.gpu_suite import render, _render_targets  # noqa: E402
+from benchmarks.gpu.suite_report import render, _render_targets  # noqa: E402
 out = sys.argv[1]
 data = json.load(open(f"{out}/results.json"))
 open(f"{out}/results.md", "w").write(render(data))

@@ -25,7 +25,12 @@ EPILOG = {
     "export": "example: abq export --model out/w4a16g64 --format compressed-tensors --out out/w4a16g64-ct",
     "tune": ("example: abq tune --model out/w4a16 --teacher smollm2-135m --epochs 2 --out out/w4a16-e2e   "
              "(train the scales and norms of a checkpoint against the float model's next-token distribution)"),
+    "tune-kernels": ("example: abq tune-kernels --model out/w4a16   (on a GPU: time every kernel on the model's layers "
+                     "and make `auto` take the fastest per layer and row count on this GPU model from now on)"),
 }
+
+
+DEFAULT_TUNE_ROWS = (1, 2, 4, 8, 16, 64, 256, 2048)  # as kernels/autotune.DEFAULT_ROWS (kept light: no torch)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -191,6 +196,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _bench_args(sub):
     from abqllm.runtime.bench import DEFAULT_CONFIGS, DEFAULT_GGUF_FORMATS
+
+    k = sub.add_parser("tune-kernels", help="measure the fastest GPU kernel per layer and row count, for `auto`",
+                       epilog=EPILOG["tune-kernels"])
+    k.add_argument("--model", required=True, help="an abqllm checkpoint folder")
+    k.add_argument("--device", default=None, help="cuda, cuda:1 ... (default: cuda)")
+    k.add_argument("--rows", default=",".join(map(str, DEFAULT_TUNE_ROWS)),
+                   help="input row counts to time (tokens per call: 1 for decode, the prompt length for prefill; "
+                        f"default {','.join(map(str, DEFAULT_TUNE_ROWS))})")
+    k.add_argument("--dtype", default="float16", help="activation dtype: float16 (default) or bfloat16")
+    k.add_argument("--out", default=None, help="write the table here instead of the per-GPU file `auto` reads "
+                   "($ABQLLM_CACHE/tables/<gpu>.json)")
 
     b = sub.add_parser("bench", help="speed and memory benchmarks", epilog=EPILOG["bench"])
     targets = b.add_subparsers(dest="target", required=True, parser_class=_Parser)
@@ -468,6 +484,43 @@ def cmd_generate(a) -> dict:
     return {"prompt": a.prompt, "completion": text}
 
 
+def cmd_tune_kernels(a) -> dict:
+    import torch
+
+    from abqllm.errors import AbqError
+    from abqllm.io.checkpoint import load_quantized
+    from abqllm.kernels import autotune
+    from abqllm.models.hub import is_quantized_checkpoint
+
+    try:
+        rows = sorted({int(r) for r in a.rows.split(",") if r.strip()})
+    except ValueError:
+        raise AbqError(f"--rows takes positive integers separated by commas, got {a.rows!r}") from None
+    if not rows or rows[0] < 1:
+        raise AbqError(f"--rows takes positive integers separated by commas, got {a.rows!r}")
+    dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(a.dtype)
+    if dtype is None:
+        raise AbqError(f"--dtype must be float16 or bfloat16, got {a.dtype!r}")
+    if not (Path(a.model).is_dir() and is_quantized_checkpoint(a.model)):
+        raise AbqError(f"{a.model} is not an abqllm checkpoint folder; quantize first (abq quantize ... --out DIR)")
+    device = torch.device(a.device or "cuda")
+    if device.type != "cuda" or not torch.cuda.is_available():
+        raise AbqError(f"tune-kernels measures a GPU and needs CUDA (device {device}); dispatch tables are per GPU "
+                       "model, and on the CPU `auto` takes the CPU kernels")
+    model, _ = load_quantized(a.model, dtype=dtype, device="cpu")
+    layers = autotune.distinct_layers(model)
+    if not layers:
+        raise AbqError(f"{a.model} has no quantized layers to tune")
+    print(f"timing {len(layers)} distinct layers x {len(rows)} row counts on {torch.cuda.get_device_name(device)}")
+    table = autotune.tune_layers(layers, device, rows=rows, dtype=dtype)
+    table["source"] = f"abq tune-kernels --model {a.model}"
+    path = autotune.save_table(table, a.out)
+    print(autotune.format_rules(table))
+    print(f"wrote {path}" + ("" if a.out else ": `auto` now takes these kernels on this GPU model "
+                             "(ABQLLM_DISPATCH_TABLE=off ignores the tables)"))
+    return table
+
+
 def cmd_bench(a) -> dict:
     from abqllm.runtime.bench import BenchSettings, format_table, run_cpu_bench
 
@@ -546,7 +599,8 @@ def cmd_export(a) -> dict:
 
 
 COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "generate": cmd_generate, "demo": cmd_demo,
-            "export": cmd_export, "bench": cmd_bench, "sweep": cmd_sweep, "tune": cmd_tune}
+            "export": cmd_export, "bench": cmd_bench, "sweep": cmd_sweep, "tune": cmd_tune,
+            "tune-kernels": cmd_tune_kernels}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import subprocess
@@ -82,6 +81,7 @@ from abqllm.kernels import dense_prefill as DP  # noqa: E402
 from abqllm.kernels import kpacked_linear as KL  # noqa: E402
 from abqllm.kernels import triton_linear as TL  # noqa: E402
 from abqllm.kernels.reference import linear_reference  # noqa: E402
+from abqllm.kernels.timing import copies_to_miss_l2, median_seconds  # noqa: E402
 from abqllm.spec import ActSpec, LayerSpec, WeightSpec, parse_scheme  # noqa: E402
 from benchmarks.gpu import llama, peers  # noqa: E402
 from benchmarks.gpu.suite_plan import (PC_MS, PC_WEIGHTS, correctness_plan, e2e_plan,  # noqa: E402
@@ -120,61 +120,13 @@ def over_budget(args, budget: float | None = None) -> bool:
 # ---- timing -------------------------------------------------------------------------------------
 
 def time_fn(fns: list, args, cuda: bool, calls: int | None = None) -> dict:
-    """Median seconds per call. fns: closures over different buffers (rotated so the weights are not L2-hot).
-    On the GPU: `calls` calls captured in one CUDA graph, replayed `replays` times between CUDA events; if the
-    capture fails (a peer kernel that is not graph-safe), the same loop runs eagerly and says so."""
-    if not cuda:
-        for f in fns:
-            f()
-        ts = []
-        for _ in range(3):
-            t = time.perf_counter()
-            f = fns[len(ts) % len(fns)]
-            f()
-            ts.append(time.perf_counter() - t)
-        return dict(s=sorted(ts)[len(ts) // 2], mode="cpu")
-    calls = calls or args.calls
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for f in fns:  # warm-up: compiles, fills caches
-            f()
-    torch.cuda.current_stream().wait_stream(s)
-    torch.cuda.synchronize()
-    mode = "graph"
-    try:
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for i in range(calls):
-                fns[i % len(fns)]()
-        run = graph.replay
-        run()
-    except Exception as e:  # noqa: BLE001  (report, then time eagerly)
-        mode = f"eager ({type(e).__name__})"
-        torch.cuda.synchronize()
-
-        def run():
-            for i in range(calls):
-                fns[i % len(fns)]()
-        run()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(args.replays):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        run()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / 1e3 / calls)
-    times.sort()
-    return dict(s=times[len(times) // 2], spread=(times[-1] - times[0]) / max(times[0], 1e-12), mode=mode)
+    """Median seconds per call (abqllm/kernels/timing.py: CUDA-graph replays between CUDA events, rotating among
+    `fns`, closures over different buffers, so that weights are not L2-hot)."""
+    return median_seconds(fns, cuda, calls=calls or args.calls, replays=args.replays)
 
 
 def copies_needed(bytes_one: int, cuda: bool) -> int:
-    if not cuda:
-        return 1
-    l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 50 << 20)
-    return max(1, min(16, math.ceil(3 * l2 / max(bytes_one, 1))))
+    return copies_to_miss_l2(bytes_one, torch.device("cuda" if cuda else "cpu"))
 
 
 # ---- sections -----------------------------------------------------------------------------------

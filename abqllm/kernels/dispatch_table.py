@@ -9,13 +9,16 @@ A scheme class is (storage bits, activation bits, per channel or grouped): W2* (
 kernels, and every group size counts as grouped (the suite measures g128). A rule covers the rows up to its `m_max`
 and above the previous rule's; rows above the last rule take the last rule.
 
-Tables are written by benchmarks/gpu/dispatch_table.py from a suite run's results.json, and name that run.
+Shipped tables are written by benchmarks/gpu/derive_dispatch.py from a GPU suite run's results.json, and name that
+run. `abq tune-kernels` (kernels/autotune.py) measures a model's own layers on the user's GPU and writes a table to
+$ABQLLM_CACHE/tables (default ~/.cache/abqllm/tables), which comes before the shipped ones.
 Environment: ABQLLM_DISPATCH_TABLE=off ignores the tables; ABQLLM_DISPATCH_TABLE=/path/table.json uses that file
 for every GPU.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +26,8 @@ from pathlib import Path
 import torch
 
 TABLES = Path(__file__).with_name("tables")
+DEFAULT = "triton"  # what `auto` takes on CUDA without a table (the highest priority)
+MARGIN = 0.03  # a rule leaves the default only for a larger gain, so that timing noise never flips it
 
 
 @dataclass(frozen=True)
@@ -53,6 +58,27 @@ def parse(table: dict) -> dict[tuple[int, int, bool], list[Rule]]:
     return out
 
 
+def derive_rules(times: dict, default: str = DEFAULT, margin: float = MARGIN) -> list[dict]:
+    """Rules from timings: times[(scheme_class, m)][kernel][sample] = seconds (or us), a sample being one measured
+    case of that class (a shape, a scheme). At each (class, m) a kernel competes only where it was timed on every
+    sample the default was; the one with the lowest geometric mean wins, if it beats the default by more than
+    `margin`. Each rule carries its evidence (geometric means, samples)."""
+    rules = []
+    for (cls, m) in sorted(times):
+        by_kernel = times[(cls, m)]
+        keys = set(by_kernel.get(default, {}))
+        if not keys:
+            continue
+        score = {kern: math.exp(sum(math.log(t[key]) for key in keys) / len(keys))
+                 for kern, t in by_kernel.items() if keys <= set(t)}
+        best = min(score, key=score.get)
+        pick = best if score[best] < (1 - margin) * score[default] else default
+        rules.append(dict(storage_bits=cls[0], act_bits=cls[1], per_channel=cls[2], m_max=m, kernel=pick,
+                          evidence=dict(geomean={k: round(v, 9 if v < 1 else 2) for k, v in sorted(score.items())},
+                                        samples=sorted(" ".join(map(str, key)) for key in keys))))
+    return rules
+
+
 def lookup(rules: dict[tuple[int, int, bool], list[Rule]], cls: tuple[int, int, bool], rows: int) -> str | None:
     chain = rules.get(cls)
     if not chain:
@@ -60,11 +86,17 @@ def lookup(rules: dict[tuple[int, int, bool], list[Rule]], cls: tuple[int, int, 
     return next((r.kernel for r in chain if rows <= r.m_max), chain[-1].kernel)
 
 
+def user_tables_dir() -> Path:
+    root = os.environ.get("ABQLLM_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "abqllm")
+    return Path(root) / "tables"
+
+
 def _load() -> list[tuple[str, dict]]:
     setting = os.environ.get("ABQLLM_DISPATCH_TABLE", "")
     if setting.lower() == "off":
         return []
-    files = [Path(setting)] if setting else sorted(TABLES.glob("*.json"))
+    # a user's own tables (`abq tune-kernels`) come before the shipped ones: the first that names the GPU wins
+    files = [Path(setting)] if setting else sorted(user_tables_dir().glob("*.json")) + sorted(TABLES.glob("*.json"))
     out = []
     for f in files:
         table = json.loads(f.read_text())

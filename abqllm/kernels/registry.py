@@ -45,6 +45,11 @@ def available(op: str) -> list[str]:
     return sorted(_REGISTRY.get(op, {}), key=lambda n: -_REGISTRY[op][n].priority)
 
 
+def supporting(op: str, layer, device: torch.device) -> list[str]:
+    """Names of the implementations that serve this layer on `device`, highest priority first."""
+    return [name for name in available(op) if _REGISTRY[op][name].supports(layer, device)]
+
+
 def select(op: str, preference: str, layer, device: torch.device, rows: int | None = None) -> Kernel:
     """`rows`: the input's rows (M), when known: on a GPU with a measured dispatch table (dispatch_table.py), `auto`
     takes the kernel that table found fastest for the layer's scheme at that many rows."""

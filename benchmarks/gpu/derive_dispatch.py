@@ -12,16 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from abqllm.kernels.dispatch_table import DEFAULT, MARGIN, derive_rules  # noqa: E402
 from benchmarks.gpu.suite_kernels import OURS  # noqa: E402
-
-DEFAULT = "triton"  # what `auto` takes on CUDA without a table (the highest priority)
-MARGIN = 0.03
-
 
 def scheme_class(scheme: str, group_size: int) -> tuple[int, int, bool] | None:
     """'W2*A8 pc' -> (3, 8, True); None for rows that are not a WpAq scheme of ours."""
@@ -52,21 +48,12 @@ def derive(data: dict, source: str = "") -> tuple[dict, list[str]]:
         if cls is None:
             continue
         times.setdefault((cls, r["m"]), {}).setdefault(r["kernel"], {})[(r["scheme"], r["n"], r["k"])] = r["us"]
-    rules, lines = [], []
-    for (cls, m) in sorted(times):
-        by_kernel = times[(cls, m)]
-        keys = set(by_kernel.get(DEFAULT, {}))
-        if not keys:
-            continue
-        score = {kern: math.exp(sum(math.log(t[key]) for key in keys) / len(keys))
-                 for kern, t in by_kernel.items() if keys <= set(t)}
-        best = min(score, key=score.get)
-        pick = best if score[best] < (1 - MARGIN) * score[DEFAULT] else DEFAULT
-        rules.append(dict(storage_bits=cls[0], act_bits=cls[1], per_channel=cls[2], m_max=m, kernel=pick,
-                          evidence=dict(geomean_us={k: round(v, 2) for k, v in sorted(score.items())},
-                                        samples=sorted(f"{s} {n}x{k}" for s, n, k in keys))))
-        lines.append(f"| W{cls[0]}A{cls[1]}{' pc' if cls[2] else ''} | {m} | {pick} | "
-                     f"{score[DEFAULT] / score[pick]:.2f}x | "
+    rules = derive_rules(times)
+    lines = []
+    for r in rules:
+        score = r["evidence"]["geomean"]
+        lines.append(f"| W{r['storage_bits']}A{r['act_bits']}{' pc' if r['per_channel'] else ''} | {r['m_max']} | "
+                     f"{r['kernel']} | {score[DEFAULT] / score[r['kernel']]:.2f}x | "
                      + ", ".join(f"{k} {v:.1f}" for k, v in sorted(score.items(), key=lambda kv: kv[1])) + " |")
     env = data.get("env", {})
     table = dict(device=env.get("gpu", "?"), source=source, date=env.get("date", "?"), margin=MARGIN, rules=rules)

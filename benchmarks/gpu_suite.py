@@ -153,7 +153,8 @@ def section_env(dev) -> dict:
 def _warm_worker(items: list, device: str = "cuda") -> list:
     """Run each launch once (in a fresh process): compiles it into Triton's disk cache. An item is
     (m, n, k, wname, bits, balanced, a, gs, dtype, what): what = 'timed' (our timed Triton kernels at this M, and the
-    peer's), 'checked' (every Triton launcher the correctness check runs), or a sweep label."""
+    peer's), 'e2e' (what the end-to-end variants launch), 'checked' (every Triton launcher the correctness check
+    runs), or a sweep label."""
     from benchmarks.gpu import suite_kernels as SK
     dev = torch.device(device)
     errors = []
@@ -166,6 +167,9 @@ def _warm_worker(items: list, device: str = "cuda") -> list:
                 for c in SK.CHECKED:
                     if not c.name.startswith("cuda") and c.serves(layer, x):
                         c.run(layer, x, torch.empty(m, n, device=dev, dtype=dtype))
+            elif what == "e2e":  # auto's path, and the k-packed layout's (the /kpacked and /cuda variants)
+                TL.linear_triton(layer, x)
+                (KL.kp_gemv if m <= KL.KP_MAX_M else KL.kp_gemm)(x, **KL.layer_kp_args(layer))
             elif what == "timed":
                 for t in SK.timed_for(m, a, layer, dev):
                     if not t.name.startswith("cuda"):  # (the CUDA kernels are built once, by nvcc, in the parent)

@@ -76,7 +76,8 @@ class Timed:
 TIMED = [
     Timed("triton", lambda m, a: True, TL.linear_triton, lambda L, d: True),
     Timed("cuda-gemv", lambda m, a: m <= CG.GEMV_MAX_M, lambda L, x: _cuda_gemv(L, x, None), _gemv_serves_device),
-    Timed("triton-kpacked", lambda m, a: 1 < m <= 256, lambda L, x: KL.kp_gemm(x, **KL.layer_kp_args(L)),
+    # (decode batches: from 64 rows the dense path is the k-packed layout's candidate)
+    Timed("triton-kpacked", lambda m, a: 1 < m <= 16, lambda L, x: KL.kp_gemm(x, **KL.layer_kp_args(L)),
           lambda L, d: True),
     Timed("triton-dense", lambda m, a: m >= 64, lambda L, x: DP.dense_qlinear(x, **KL.layer_kp_args(L)),
           lambda L, d: True),

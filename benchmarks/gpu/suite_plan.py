@@ -103,14 +103,15 @@ def e2e_plan(args, cuda: bool) -> list[tuple[int, str]]:
 
 
 def warmup_items(args, cuda: bool) -> list[tuple]:
-    """Every launch the later steps make, once: (m, n, k, wname, bits, balanced, a, gs, dtype, what)."""
+    """Every launch the later steps make, once: (m, n, k, wname, bits, balanced, a, gs, dtype, what), what being
+    'timed' (the kernel grid), 'e2e' (the end-to-end runs' shapes), 'checked' (correctness) or a sweep label."""
     shapes, ms, weights, acts, gs = kernel_plan(args, cuda)
     fp16 = torch.float16
     wanted = [(m, n, k, w, b, bal, a, gs, fp16, "timed") for (n, k) in shapes for m in ms
               for w, b, bal in weights for a in acts]
     if cuda:  # the decode steps and prefills of the end-to-end runs
         e2e_ms = [1, 4, 16, args.prompt, 16 * args.prompt]
-        wanted += [(m, n, k, w, b, bal, a, gs, fp16, "timed") for (n, k) in LLAMA_SHAPES for m in e2e_ms
+        wanted += [(m, n, k, w, b, bal, a, gs, fp16, "e2e") for (n, k) in LLAMA_SHAPES for m in e2e_ms
                    for w, b, bal in WEIGHTS if w in ("W8", "W4", "W3", "W2", "W2*") for a in (16, 8)]
     if gs:
         wanted += [(m, n, k, w, int(w[1]), False, 8, 0, fp16, "timed") for (n, k) in shapes for m in ms
@@ -142,9 +143,9 @@ def warmup_chunks(items: list[tuple], workers: int, args, cuda: bool) -> list[li
         m, n, k, what = item[0], item[1], item[2], item[9]
         if what == "checked":
             return 0
+        if what == "e2e":
+            return 7 if m in (1, 4, args.prompt) else 2 + len(rank)
         if what != "timed":
             return 1
-        if (n, k, m) in rank:
-            return 2 + rank[(n, k, m)]
-        return 7 if m in (1, 4, args.prompt) else 2 + len(rank)
+        return 2 + rank.get((n, k, m), len(rank))
     return [sorted(c, key=priority) for c in chunks]

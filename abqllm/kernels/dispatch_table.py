@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from abqllm.errors import AbqError
+
 TABLES = Path(__file__).with_name("tables")
 DEFAULT = "triton"  # what `auto` takes on CUDA without a table (the highest priority)
 MARGIN = 0.03  # a rule leaves the default only for a larger gain, so that timing noise never flips it
@@ -99,8 +101,12 @@ def _load() -> list[tuple[str, dict]]:
     files = [Path(setting)] if setting else sorted(user_tables_dir().glob("*.json")) + sorted(TABLES.glob("*.json"))
     out = []
     for f in files:
-        table = json.loads(f.read_text())
-        out.append(("*" if setting else table["device"], parse(table)))
+        try:
+            table = json.loads(f.read_text())
+            out.append(("*" if setting else str(table["device"]), parse(table)))
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise AbqError(f"cannot read the kernel dispatch table {f}: {type(e).__name__}: {e}. Delete it, write it "
+                           "again (abq tune-kernels), or set ABQLLM_DISPATCH_TABLE=off") from None
     return out
 
 

@@ -105,3 +105,22 @@ def test_no_table_is_shipped_without_a_measurement():
         table = json.loads(f.read_text())
         assert (root / table["source"]).exists(), f"{f.name}: its source {table['source']} is not committed"
         assert table["rules"]
+
+
+def test_a_damaged_table_is_refused_with_the_fix(tmp_path, monkeypatch):
+    from abqllm.errors import AbqError
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"device": "NVIDIA H100 80GB HBM3", "rules": [{"storage_bits": 4}]')  # cut short
+    monkeypatch.setenv("ABQLLM_DISPATCH_TABLE", str(bad))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None: "NVIDIA H100 80GB HBM3")
+    DT.reset()
+    layer = llama.random_quant_linear(256, 64, parse_scheme("W4A16g128").layer, "cpu")
+    try:
+        with pytest.raises(AbqError, match="bad.json.*ABQLLM_DISPATCH_TABLE=off"):
+            DT.choose(layer, torch.device("cuda", 0), 1)
+        bad.write_text('{"device": "x", "rules": [{"storage_bits": 4}]}')  # a rule without its fields
+        DT.reset()
+        with pytest.raises(AbqError, match="KeyError"):
+            DT.choose(layer, torch.device("cuda", 0), 1)
+    finally:
+        DT.reset()

@@ -54,6 +54,7 @@ XDIST=""
 "$PY" -c "import xdist" 2>/dev/null && XDIST="-n 4"
 timeout -k 10 "${PYTEST_BUDGET:-150}" "$PY" -m pytest -v -p no:cacheprovider -m gpu $XDIST tests/kernels/test_gpu.py \
   tests/kernels/test_kpacked.py tests/kernels/test_dense_prefill.py tests/kernels/test_cuda_gemv.py tests/kernels/test_autotune.py \
+  tests/kernels/test_dispatch_table.py \
   > "$OUT/pytest_gpu.txt" 2>&1 &
 PYTEST_PID=$!
 

@@ -196,5 +196,8 @@ def load_quantized(folder: str | Path, dtype: torch.dtype = torch.float32, devic
     if missing:
         raise AbqError(f"{folder}: tensors missing from {WEIGHTS}: {missing[:3]}...; the checkpoint is incomplete")
     model.eval().to(device)
+    if torch.device(device).type == "cuda":  # weights held once where this GPU's dispatch table allows it
+        from abqllm.kernels.kpacked_linear import settle_layouts
+        settle_layouts(model)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     return model, tokenizer

@@ -174,7 +174,7 @@ def supports(layer, device: torch.device) -> bool:
     return layer.spec.weight.storage_bits in BITS and layer.out_features % 4 == 0
 
 
-@register("linear", "cuda-gemv", priority=4, supports=supports)
+@register("linear", "cuda-gemv", priority=4, supports=supports, layout="kpacked")
 def linear_cuda_gemv(layer, x: torch.Tensor) -> torch.Tensor:
     """Decode batches up to GEMV_MAX_M rows through the CUDA GEMV; more rows as 'triton-kpacked' serves them.
     Named only."""

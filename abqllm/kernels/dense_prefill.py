@@ -127,7 +127,7 @@ def use_dense(x: torch.Tensor) -> bool:
     return DENSE_MIN_M is not None and x.device.type == "cuda" and rows(x) >= DENSE_MIN_M
 
 
-@register("linear", "triton-dense", priority=7, supports=_supports)
+@register("linear", "triton-dense", priority=7, supports=_supports, layout="kpacked")
 def linear_triton_dense(layer, x: torch.Tensor) -> torch.Tensor:
     """Every M through the dense path (explicit choice; `auto` takes it from DENSE_MIN_M rows on CUDA when set)."""
     from abqllm.kernels import custom_ops

@@ -136,3 +136,25 @@ def choose(layer, device: torch.device, rows: int) -> str | None:
         return None  # (not loaded yet: keep file and device queries out of the traced code)
     rules = _rules_for(index)
     return None if rules is None else lookup(rules, scheme_class(layer), rows)
+
+
+def bitstream_needed(layer, device: torch.device) -> bool:
+    """Whether `auto` may still need the layer's checkpoint bitstream on this GPU: True unless the GPU's table has
+    rules for the layer's scheme class and every one of them names a kernel on the k-packed layout (or `triton` for
+    single rows, which it serves with the k-packed GEMV)."""
+    from abqllm.kernels import registry
+    from abqllm.kernels.kpacked_linear import KP_MAX_M
+    if device.type != "cuda":
+        return True
+    rules = _rules_for(device.index if device.index is not None else torch.cuda.current_device())
+    chain = (rules or {}).get(scheme_class(layer))
+    if not chain:
+        return True
+    for r in chain:
+        try:
+            kpacked = registry.layout("linear", r.kernel) == "kpacked"
+        except KeyError:  # a kernel this installation does not have
+            return True
+        if not kpacked and not (r.kernel == DEFAULT and r.m_max <= KP_MAX_M):
+            return True
+    return False

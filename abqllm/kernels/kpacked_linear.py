@@ -267,20 +267,41 @@ def layer_kpacked(layer) -> KP.KPacked:
     return cached[1]
 
 
+def _offload_bitstream(mod) -> int:
+    """Build the layer's k-packed layout on its GPU, then move its checkpoint bitstream `qweight` to CPU memory:
+    the weights are held once on the GPU. Saving still works (the state dict reads the CPU copy); moving the layer
+    again (`.to`) brings qweight along and drops the k-packed cache. Returns the GPU bytes released."""
+    kp = layer_kpacked(mod)
+    freed = mod.qweight.numel() * mod.qweight.element_size()
+    mod.qweight = mod.qweight.cpu()
+    mod._kernel_cache["kpacked"] = (_version(mod), kp)  # same codes, the buffer just moved
+    return freed
+
+
 def keep_only_kpacked(model: torch.nn.Module) -> int:
-    """Hold each CUDA QuantLinear's weights once on the GPU: build its k-packed layout, serve every M from it
-    (kernel 'triton-kpacked') and move the checkpoint's bitstream `qweight` to CPU memory. Saving still works
-    (the state dict reads the CPU copy); moving the layer again (`.to`) brings qweight along and drops the
-    k-packed cache. Returns the GPU bytes released."""
+    """Hold each CUDA QuantLinear's weights once on the GPU, in the k-packed layout, and serve every M from it
+    (kernel 'triton-kpacked'). Returns the GPU bytes released."""
     from abqllm.nn import QuantLinear
     freed = 0
     for mod in model.modules():
         if isinstance(mod, QuantLinear) and mod.qweight.is_cuda:
-            kp = layer_kpacked(mod)
-            freed += mod.qweight.numel() * mod.qweight.element_size()
-            mod.qweight = mod.qweight.cpu()
-            mod._kernel_cache["kpacked"] = (_version(mod), kp)  # same codes, the buffer just moved
+            freed += _offload_bitstream(mod)
             mod.kernel = "triton-kpacked"
+    return freed
+
+
+def settle_layouts(model: torch.nn.Module) -> int:
+    """Where this GPU's dispatch table serves every row count of a layer's scheme from the k-packed layout, hold
+    that layer's weights once (as keep_only_kpacked, the kernel choice staying `auto`). Without a table, or where
+    the table still takes a kernel that reads the checkpoint bitstream, nothing changes. Returns bytes released.
+    `load_quantized(..., device='cuda')` calls it; call it after moving a model to a GPU yourself."""
+    from abqllm.kernels import dispatch_table
+    from abqllm.nn import QuantLinear
+    freed = 0
+    for mod in model.modules():
+        if (isinstance(mod, QuantLinear) and mod.qweight.is_cuda and mod.kernel == "auto"
+                and not dispatch_table.bitstream_needed(mod, mod.qweight.device)):
+            freed += _offload_bitstream(mod)
     return freed
 
 
@@ -306,7 +327,7 @@ def _supports(layer, device: torch.device) -> bool:
     return supports(layer, device)
 
 
-@register("linear", "triton-kpacked", priority=8, supports=_supports)
+@register("linear", "triton-kpacked", priority=8, supports=_supports, layout="kpacked")
 def linear_triton_kpacked(layer, x: torch.Tensor) -> torch.Tensor:
     """Every M on the k-packed layout: the GEMV up to KP_MAX_M rows, kp_gemm above; once DENSE_MIN_M is set, the
     dense path (dense_prefill.py) from that many rows on CUDA. The 'triton' kernel takes the GEMV (and the dense path)

@@ -124,3 +124,79 @@ def test_a_damaged_table_is_refused_with_the_fix(tmp_path, monkeypatch):
             DT.choose(layer, torch.device("cuda", 0), 1)
     finally:
         DT.reset()
+
+
+def test_a_layer_holding_only_kpacked_weights_on_the_device_gets_kpacked_kernels():
+    """After keep_only_kpacked / settle_layouts the bitstream (qweight) lives in CPU memory and the k-packed layout on
+    the GPU: `auto` then chooses among kernels that read the k-packed layout, and naming a bitstream kernel says
+    why it cannot serve (instead of launching a GPU kernel on a CPU tensor)."""
+    from abqllm.errors import AbqError
+    from abqllm.kernels import kpacked_linear as KL
+    layer = llama.random_quant_linear(256, 64, parse_scheme("W4A16g128").layer, "cpu")
+    cuda = torch.device("cuda", 0)
+    assert registry.select("linear", "auto", layer, cuda).name == "triton"  # no k-packed copy yet: as before
+    KL.layer_kpacked(layer)  # (on the GPU this copy would be there, the qweight moved to CPU memory)
+    assert registry.bitstream_elsewhere(layer, cuda) and not registry.bitstream_elsewhere(layer, torch.device("cpu"))
+    assert registry.select("linear", "auto", layer, cuda).name == "triton-kpacked"
+    assert "triton" not in registry.supporting("linear", layer, cuda)
+    with pytest.raises(AbqError, match="checkpoint layout.*k-packed"):
+        registry.select("linear", "triton", layer, cuda)
+    assert {registry.layout("linear", n) for n in ("triton-kpacked", "triton-dense", "cuda-gemv")} == {"kpacked"}
+
+
+def _table_with(tmp_path, monkeypatch, rules):
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps(dict(device="NVIDIA H100 80GB HBM3", rules=rules)))
+    monkeypatch.setenv("ABQLLM_DISPATCH_TABLE", str(path))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None: "NVIDIA H100 80GB HBM3")
+    DT.reset()
+
+
+@pytest.mark.parametrize("kernels, needed", [
+    ((("triton", 1), ("cuda-gemv", 4), ("triton-kpacked", 16), ("triton-dense", 2048)), False),
+    ((("cuda-gemv", 4), ("triton-dense", 2048)), False),
+    ((("triton", 1), ("triton", 16), ("triton-dense", 2048)), True),  # qlinear_kernel at 2..16 rows
+    ((("cuda-gemv", 1), ("cuda", 64), ("triton-dense", 2048)), True),  # bit planes are built from qweight
+    ((("cuda-gemv", 1), ("some-future-kernel", 2048)), True),
+])
+def test_bitstream_is_dropped_only_when_every_row_count_reads_kpacked(tmp_path, monkeypatch, kernels, needed):
+    rules = [dict(storage_bits=4, act_bits=16, per_channel=False, m_max=m, kernel=k) for k, m in kernels]
+    _table_with(tmp_path, monkeypatch, rules)
+    try:
+        w4 = llama.random_quant_linear(256, 64, parse_scheme("W4A16g128").layer, "cpu")
+        w3 = llama.random_quant_linear(256, 64, parse_scheme("W3A16g128").layer, "cpu")
+        assert DT.bitstream_needed(w4, torch.device("cuda", 0)) is needed
+        assert DT.bitstream_needed(w3, torch.device("cuda", 0))  # a class the table does not cover
+        assert DT.bitstream_needed(w4, torch.device("cpu"))
+    finally:
+        DT.reset()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_settle_holds_weights_once_and_still_computes_the_layer(tmp_path, monkeypatch):
+    from abqllm.kernels import kpacked_linear as KL
+    from abqllm.kernels.reference import linear_reference
+    name = torch.cuda.get_device_name()
+    rules = [dict(storage_bits=4, act_bits=16, per_channel=False, m_max=1, kernel="triton"),
+             dict(storage_bits=4, act_bits=16, per_channel=False, m_max=2048, kernel="triton-kpacked")]
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps(dict(device=name, rules=rules)))
+    monkeypatch.setenv("ABQLLM_DISPATCH_TABLE", str(path))
+    DT.reset()
+    try:
+        layer = llama.random_quant_linear(4096, 1024, parse_scheme("W4A16g128").layer, "cpu")
+        layer.kernel = "auto"
+        x = torch.randn(5, 4096).half()
+        ref = linear_reference(layer, x.double())
+        model = torch.nn.Sequential(layer).cuda()
+        before = torch.cuda.memory_allocated()
+        freed = KL.settle_layouts(model)
+        assert freed == 1024 * 4096 // 2 and not model[0].qweight.is_cuda
+        assert torch.cuda.memory_allocated() < before
+        for rows in (1, 5):
+            y = model(x[:rows].cuda()).double().cpu()
+            err = (y - ref[:rows]).abs().max() / ref[:rows].abs().max()
+            assert err < 1e-2, f"{rows} rows: relative error {err}"
+    finally:
+        DT.reset()
